@@ -1,0 +1,1 @@
+"""Lightning callbacks for DSF pruning, installed as ``dsf_lightning.callbacks``."""

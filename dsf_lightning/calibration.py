@@ -1,0 +1,299 @@
+"""Input Gram matrices for layer-wise reconstruction.
+
+For a layer with weight ``W`` of shape ``(out, fan_in)`` and calibration inputs ``X``
+(``N`` tokens, one per row, shape ``(N, fan_in)``) the layer-wise objective is
+``||X W^T - X W'^T||^2 = tr((W - W') G (W - W')^T) * N`` with
+
+    G = X^T X / N        (fan_in, fan_in), float32, mean over tokens.
+
+Tokens are:
+  * Linear / HF ``Conv1D``: every position of every leading dim, ``x.reshape(-1, fan_in)``;
+  * Conv2d: every output position of every image, rows of the im2col patch matrix
+    (``F.unfold``), ``fan_in = in * kh * kw`` in the order of ``conv.weight.flatten(1)``.
+
+``G`` is kept as a running mean (as in SparseGPT), so it stays O(|x|^2) in magnitude for
+any token count:  ``G <- G * n/(n+b) + X_b^T X_b / (n+b)``, each batch's ``X_b^T X_b``
+computed in float32 from the float32-cast input.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["GramAccumulator", "InputGramRecorder", "conv2d_patches"]
+
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+def _conv2d_explicit_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """``(left, right, top, bottom)`` padding of ``conv``, as torch applies it.
+
+    ``"same"``: per spatial dim ``total = dilation * (k - 1)``, ``left = total // 2``,
+    ``right = total - left`` (asymmetric for even effective kernels); ``"valid"``: 0.
+    """
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0, 0, 0)
+        if conv.padding != "same":
+            raise ValueError(f"unknown string padding {conv.padding!r}")
+        pads = []
+        for d, k in zip(conv.dilation, conv.kernel_size):
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+        (top, bottom), (left, right) = pads
+        return (left, right, top, bottom)
+    ph, pw = conv.padding
+    return (pw, pw, ph, ph)
+
+
+def conv2d_patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """im2col rows of a Conv2d input: ``x (N, in, H, W) -> (N*L, in*kh*kw)``.
+
+    ``L = H_out * W_out``; row ``n*L + l`` is the receptive field of output position ``l``
+    of image ``n``, so ``conv(x)`` (bias-free) equals ``rows @ conv.weight.flatten(1).T``.
+    Honours stride, dilation, numeric or ``"same"``/``"valid"`` padding and every
+    ``padding_mode`` (non-zero modes and asymmetric ``"same"`` are padded with ``F.pad``
+    first, then unfolded with padding 0). An unbatched ``(in, H, W)`` input is one image.
+    """
+    if not isinstance(conv, nn.Conv2d):
+        raise ValueError(f"conv2d_patches expects nn.Conv2d, got {type(conv).__name__}")
+    if conv.groups != 1:
+        raise ValueError(
+            f"conv2d_patches: groups={conv.groups} is not supported (grouped/depthwise convs are not factorized)"
+        )
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4 or x.shape[1] != conv.in_channels:
+        raise ValueError(
+            f"conv2d_patches: expected input (N, {conv.in_channels}, H, W), got shape {tuple(x.shape)}"
+        )
+    left, right, top, bottom = _conv2d_explicit_padding(conv)
+    if conv.padding_mode == "zeros" and left == right and top == bottom:
+        padding: tuple[int, int] = (top, left)
+    else:
+        if conv.padding_mode not in _PAD_MODES:
+            raise ValueError(f"conv2d_patches: unknown padding_mode {conv.padding_mode!r}")
+        if left or right or top or bottom:
+            x = F.pad(x, (left, right, top, bottom), mode=_PAD_MODES[conv.padding_mode])
+        padding = (0, 0)
+    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+    # (N, in*kh*kw, L) -> (N*L, in*kh*kw)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+class GramAccumulator:
+    """Running mean ``G = X^T X / N`` of input rows, ``(fan_in, fan_in)`` float32.
+
+    ``add(rows)`` with ``rows (b, fan_in)`` updates ``G <- G*n/(n+b) + rows^T rows/(n+b)``,
+    ``n <- n+b`` (``count`` is a Python int). With ``device=None`` the Gram lives on the
+    device of the first input; otherwise inputs are moved to ``device``.
+
+    Distributed use: ``to_sum()`` gives ``(G * n in float64, n)``; all-reduce (sum) both
+    parts across ranks and rebuild with ``GramAccumulator.from_sum(total, count)``.
+    """
+
+    def __init__(self, fan_in: int, device: torch.device | str | None = None) -> None:
+        if fan_in <= 0:
+            raise ValueError(f"fan_in must be positive, got {fan_in}")
+        self.fan_in = int(fan_in)
+        self.device = torch.device(device) if device is not None else None
+        self._gram: Tensor | None = None
+        self.count = 0
+
+    # -- accumulation -----------------------------------------------------------------
+    @torch.no_grad()
+    def add(self, rows: Tensor) -> None:
+        """Add ``rows (tokens, fan_in)`` (rows of X)."""
+        if rows.dim() != 2 or rows.shape[-1] != self.fan_in:
+            raise ValueError(
+                f"GramAccumulator.add: expected rows of shape (tokens, {self.fan_in}), got {tuple(rows.shape)}"
+            )
+        b = rows.shape[0]
+        if b == 0:
+            return
+        x = rows.detach()
+        if self.device is not None:
+            x = x.to(self.device)
+        x = x.float()
+        if not torch.isfinite(x).all():
+            raise ValueError(
+                f"GramAccumulator.add: input of shape {tuple(rows.shape)} contains NaN or inf"
+            )
+        xtx = x.T @ x
+        if self._gram is None:
+            self._gram = torch.zeros(self.fan_in, self.fan_in, dtype=torch.float32, device=x.device)
+            if self.device is None:
+                self.device = x.device
+        n = self.count
+        self._gram.mul_(n / (n + b)).add_(xtx, alpha=1.0 / (n + b))
+        self.count = n + b
+
+    def add_linear_input(self, x: Tensor) -> None:
+        """Add a Linear input ``(..., fan_in)``: every leading position is a token."""
+        if x.dim() == 0 or x.shape[-1] != self.fan_in:
+            raise ValueError(
+                f"GramAccumulator.add_linear_input: expected last dim {self.fan_in}, got shape {tuple(x.shape)}"
+            )
+        self.add(x.reshape(-1, self.fan_in))
+
+    def add_conv2d_input(self, x: Tensor, conv: nn.Conv2d, max_patch_elements: int = 1 << 24) -> None:
+        """Add a Conv2d input ``(N, in, H, W)`` as im2col rows, a few images at a time.
+
+        Images are processed in chunks so that one chunk's patch matrix holds at most
+        ``max_patch_elements`` entries (at least one image per chunk).
+        """
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        if fan_in != self.fan_in:
+            raise ValueError(
+                f"GramAccumulator.add_conv2d_input: conv fan_in {fan_in} "
+                f"(in={conv.in_channels}, kernel={tuple(conv.kernel_size)}) != accumulator fan_in {self.fan_in}"
+            )
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        if x.shape[0] == 0:
+            return
+        first = conv2d_patches(x[:1], conv)  # also validates the shape
+        per_image = max(1, first.numel())
+        chunk = max(1, max_patch_elements // per_image)
+        self.add(first)
+        for i in range(1, x.shape[0], chunk):
+            self.add(conv2d_patches(x[i : i + chunk], conv))
+
+    # -- results / combination ------------------------------------------------------------
+    @property
+    def gram(self) -> Tensor:
+        """``G = X^T X / N``, ``(fan_in, fan_in)`` float32 (zeros before any input)."""
+        if self._gram is None:
+            return torch.zeros(self.fan_in, self.fan_in, dtype=torch.float32, device=self.device)
+        return self._gram
+
+    @torch.no_grad()
+    def merge_(self, other: GramAccumulator) -> GramAccumulator:
+        """In place: become the accumulator over both data sets (count-weighted mean)."""
+        if other.fan_in != self.fan_in:
+            raise ValueError(f"merge_: fan_in {other.fan_in} != {self.fan_in}")
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            g = other.gram.clone()
+            self._gram = g.to(self.device) if self.device is not None else g
+            self.device = self._gram.device
+            self.count = other.count
+            return self
+        n, m = self.count, other.count
+        self._gram.mul_(n / (n + m)).add_(other.gram.to(self._gram.device), alpha=m / (n + m))
+        self.count = n + m
+        return self
+
+    def to_sum(self) -> tuple[Tensor, int]:
+        """``(G * count as float64 (fan_in, fan_in), count)``: summable across ranks."""
+        return self.gram.double() * self.count, self.count
+
+    @classmethod
+    def from_sum(cls, total: Tensor, count: int, device: torch.device | str | None = None) -> GramAccumulator:
+        """Inverse of :meth:`to_sum` (after summing): ``G = total / count``."""
+        count = int(count)
+        acc = cls(total.shape[-1], device=device if device is not None else total.device)
+        if count > 0:
+            acc._gram = (total.double() / count).float().to(acc.device)
+            acc.count = count
+        return acc
+
+    def __repr__(self) -> str:
+        return f"GramAccumulator(fan_in={self.fan_in}, count={self.count}, device={self.device})"
+
+
+def _hf_conv1d_type() -> type | None:
+    """``transformers.pytorch_utils.Conv1D`` if transformers is already imported, else None."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None) if mod is not None else None
+
+
+def _fan_in(name: str, module: nn.Module) -> int:
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise ValueError(f"module {name!r}: grouped Conv2d (groups={module.groups}) is not supported")
+        return module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    conv1d = _hf_conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return module.weight.shape[0]  # HF Conv1D weight is (in, out)
+    raise ValueError(
+        f"module {name!r} of type {type(module).__name__} is not supported "
+        "(expected nn.Linear, nn.Conv2d or transformers Conv1D)"
+    )
+
+
+class InputGramRecorder:
+    """Context manager recording the input Gram of selected layers during forward passes.
+
+    >>> with InputGramRecorder(model, {"fc": model.fc}) as rec:
+    ...     for x in loader: model(x)
+    >>> rec.grams["fc"]            # (fan_in, fan_in) float32, X^T X / N
+
+    One :class:`GramAccumulator` per module is fed by a forward pre-hook; hooks are removed
+    on exit, also when the block raises. Modules: ``nn.Linear``, HF ``Conv1D`` (tokens =
+    all leading positions) and ``nn.Conv2d`` with ``groups == 1`` (tokens = im2col rows).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: Mapping[str, nn.Module],
+        device: torch.device | str | None = None,
+    ) -> None:
+        owned = {id(m) for m in model.modules()}
+        self.model = model
+        self.modules = dict(modules)
+        self.accumulators: dict[str, GramAccumulator] = {}
+        for name, module in self.modules.items():
+            if id(module) not in owned:
+                raise ValueError(f"module {name!r} is not a submodule of the given model")
+            self.accumulators[name] = GramAccumulator(_fan_in(name, module), device=device)
+        self._handles: list[Any] = []
+
+    def _hook(self, name: str):
+        acc = self.accumulators[name]
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            if isinstance(module, nn.Conv2d):
+                acc.add_conv2d_input(x, module)
+            else:
+                acc.add_linear_input(x)
+
+        return hook
+
+    def __enter__(self) -> InputGramRecorder:
+        try:
+            for name, module in self.modules.items():
+                self._handles.append(module.register_forward_pre_hook(self._hook(name), with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove all hooks (idempotent)."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    @property
+    def grams(self) -> dict[str, Tensor]:
+        """``name -> G (fan_in, fan_in)`` float32."""
+        return {name: acc.gram for name, acc in self.accumulators.items()}
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """``name -> tokens seen``."""
+        return {name: acc.count for name, acc in self.accumulators.items()}
