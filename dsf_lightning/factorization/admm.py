@@ -1,0 +1,167 @@
+"""Masked least squares by ADMM (paper section 3.1, after Boža 2024).
+
+Problem, for a design matrix ``D`` seen only through ``gram = D^T D`` (p, p) and
+``rhs = D^T Y`` (p, q)::
+
+    minimize_X  ||Y - D X||_F^2   subject to   X = X * mask,  nnz(mask) <= nnz
+
+Each column of ``X`` is one regression (one output of a layer). The ADMM iterations of
+eq. (1) run on an input-norm preconditioned problem (``diag(gram) == 1``): the mask is
+then chosen from ``|X + U|`` in that domain, which is Wanda's metric when ``D`` is data.
+
+Everything stays on the device of ``gram``; no host round trips inside the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ADMMSolution",
+    "admm_masked_lstsq",
+    "cubic_sparsity",
+    "damped",
+    "topk_mask",
+]
+
+_EPS = 1e-8
+
+
+@dataclass
+class ADMMSolution:
+    """Result of :func:`admm_masked_lstsq`, in the caller's (unpreconditioned) scale.
+
+    Attributes:
+        z: ``(p, q)`` the sparse solution, exactly zero outside ``mask``.
+        u: ``(p, q)`` scaled dual variables, to warm-start the next call.
+        mask: ``(p, q)`` bool support of ``z``.
+    """
+
+    z: Tensor
+    u: Tensor
+    mask: Tensor
+
+
+def cubic_sparsity(step: int, steps: int, final: float) -> float:
+    """Zhu & Gupta cubic schedule: the sparsity after ``step`` of ``steps`` gradual steps."""
+    return final - final * (1.0 - step / steps) ** 3
+
+
+def topk_mask(scores: Tensor, k: int, per_column: bool = False) -> Tensor:
+    """Bool mask of the ``k`` largest ``scores``: over the whole matrix, or in each column.
+
+    Uses ``topk`` (a partial selection), never a full sort, and keeps exactly ``k`` entries
+    even when scores tie, so nnz budgets hold to the element.
+    """
+    if per_column:
+        rows = scores.shape[0]
+        k = max(0, min(k, rows))
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        if k == rows:
+            return mask.fill_(True)
+        if k > 0:
+            mask.scatter_(0, scores.topk(k, dim=0, sorted=False).indices, True)
+        return mask
+    numel = scores.numel()
+    k = max(0, min(k, numel))
+    mask = torch.zeros(numel, dtype=torch.bool, device=scores.device)
+    if k == numel:
+        return mask.fill_(True).view_as(scores)
+    if k > 0:
+        mask[scores.flatten().topk(k, sorted=False).indices] = True
+    return mask.view_as(scores)
+
+
+def damped(gram: Tensor, damping: float) -> Tensor:
+    """``gram + damping * mean(diag(gram)) * I``: keeps rank-deficient Grams (dead inputs) solvable."""
+    if damping <= 0:
+        return gram
+    lam = damping * gram.diagonal().mean().clamp_min(_EPS)
+    return gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+
+
+def _ridge_inverse(gram: Tensor, rho: float) -> Tensor:
+    """``(gram + rho I)^-1`` through Cholesky; ``gram`` is symmetric PSD so this is SPD."""
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    chol, info = torch.linalg.cholesky_ex(gram + rho * eye)
+    if bool(info.any()):  # only for a numerically indefinite gram: fall back to LU
+        return torch.linalg.inv(gram + rho * eye)
+    return torch.cholesky_inverse(chol)
+
+
+def admm_masked_lstsq(
+    gram: Tensor,
+    rhs: Tensor,
+    nnz: int | None = None,
+    *,
+    z: Tensor | None = None,
+    u: Tensor | None = None,
+    fixed_mask: Tensor | None = None,
+    iters: int = 5,
+    mask_iters: int = 2,
+    rho: float = 1.0,
+    rho0: float | None = None,
+    per_column: bool = False,
+    damping: float = 0.0,
+) -> ADMMSolution:
+    """Masked least squares ``min ||Y - D X||^2, nnz(X) <= nnz`` by ADMM, eq. (1) of the paper.
+
+    Args:
+        gram: ``(p, p)`` ``D^T D``, symmetric PSD.
+        rhs: ``(p, q)`` ``D^T Y``.
+        nnz: nonzeros to keep in ``X`` (in each column if ``per_column``); ignored with
+            ``fixed_mask``.
+        z, u: ``(p, q)`` warm start (previous solution and scaled duals); zeros if omitted.
+        fixed_mask: ``(p, q)`` bool support to keep instead of selecting one.
+        iters: ADMM iterations after the first step.
+        mask_iters: the mask is reselected from ``|X + U|`` in the first ``mask_iters``
+            iterations on a cubic schedule ending at ``nnz``, then frozen (gradual pruning).
+        rho: ADMM penalty of every step but the first.
+        rho0: penalty of the first step (annealing: a small ``rho0`` trusts the warm start
+            less); defaults to ``rho``.
+        per_column: select ``nnz`` per column (per output, as Wanda/ADMM pruning) instead of
+            over the whole matrix.
+        damping: relative ridge ``damping * mean(diag)`` added to the preconditioned Gram.
+
+    Returns:
+        :class:`ADMMSolution` with ``z`` exactly zero outside ``mask``.
+    """
+    if fixed_mask is None and (nnz is None or mask_iters < 1):
+        raise ValueError("admm_masked_lstsq needs either fixed_mask or nnz with mask_iters >= 1")
+    p, q = rhs.shape
+    if gram.shape != (p, p):
+        raise ValueError(f"gram has shape {tuple(gram.shape)}, expected ({p}, {p}) to match rhs {tuple(rhs.shape)}")
+    rho0 = rho if rho0 is None else rho0
+
+    # Precondition: unit diagonal, X scaled up by the input norms (Boža 2024).
+    norm = gram.diagonal().sqrt() + _EPS
+    gram_n = damped(gram / norm[:, None] / norm[None, :], damping)
+    rhs_n = rhs / norm[:, None]
+    scale = norm[:, None]
+    z = torch.zeros_like(rhs_n) if z is None else z * scale
+    u = torch.zeros_like(rhs_n) if u is None else u * scale
+
+    eye = torch.eye(p, dtype=gram.dtype, device=gram.device)
+    x = torch.linalg.solve(gram_n + rho0 * eye, rhs_n + rho0 * (z - u))
+    inv = _ridge_inverse(gram_n, rho)
+
+    mask = fixed_mask
+    mask_iters = min(mask_iters, iters)  # the last reselection must land exactly on nnz
+    total = p if per_column else p * q
+    final_sparsity = 1.0 - (min(nnz, total) / total) if nnz is not None else 0.0
+    for it in range(iters):
+        if fixed_mask is None and it < mask_iters:
+            keep = round(total * (1.0 - cubic_sparsity(it + 1, mask_iters, final_sparsity)))
+            if it + 1 == mask_iters:
+                keep = nnz
+            mask = topk_mask((x + u).abs(), keep, per_column)
+        z = (x + u) * mask
+        u = u + (x - z)
+        x = inv @ (rhs_n + rho * (z - u))
+    if mask is None:  # iters == 0: select once from the first step
+        mask = topk_mask((x + u).abs(), nnz, per_column)
+    z = (x + u) * mask
+    return ADMMSolution(z=z / scale, u=u / scale, mask=mask)
