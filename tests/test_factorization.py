@@ -198,10 +198,11 @@ def test_layerwise_dsf_beats_wanda_and_admm_with_correlated_inputs():
     w = (u * torch.logspace(0, -1.5, out)) @ v.T + 0.01 * torch.randn(out, fan_in, generator=gen)
     for density in (0.5, 0.3):
         errs = {m: factorize(m, w, density, g).error for m in ("wanda", "admm")}
-        errs["dsf"] = factorize("dsf", w, density, g, preset="llm", finalize=("input", "output")).error
+        errs["dsf"] = factorize("dsf", w, density, g, preset="llm").error
         assert errs["dsf"] < errs["admm"] < errs["wanda"], (density, errs)
-    # the paper's LLM default (finalize S only) still wins at high sparsity
-    assert factorize("dsf", w, 0.3, g, preset="llm").error < factorize("admm", w, 0.3, g).error
+    # the paper's LLM finalization (S only) still wins at high sparsity, by less
+    paper = factorize("dsf", w, 0.3, g, preset="llm", finalize=("output",)).error
+    assert errs["dsf"] < paper < errs["admm"]
 
 
 def test_fixed_mask_is_shared_across_layers_of_a_shape_and_keeps_the_identity():

@@ -83,13 +83,11 @@ def damped(gram: Tensor, damping: float) -> Tensor:
     return gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
 
 
-def _ridge_inverse(gram: Tensor, rho: float) -> Tensor:
-    """``(gram + rho I)^-1`` through Cholesky; ``gram`` is symmetric PSD so this is SPD."""
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    chol, info = torch.linalg.cholesky_ex(gram + rho * eye)
-    if bool(info.any()):  # only for a numerically indefinite gram: fall back to LU
-        return torch.linalg.inv(gram + rho * eye)
-    return torch.cholesky_inverse(chol)
+def _ridge_cholesky(gram: Tensor, rho: float) -> Tensor:
+    """Lower Cholesky factor of ``gram + rho I`` (SPD: ``gram`` is PSD and ``rho > 0``)."""
+    shifted = gram.clone()
+    shifted.diagonal().add_(rho)
+    return torch.linalg.cholesky(shifted)
 
 
 def admm_masked_lstsq(
@@ -144,24 +142,27 @@ def admm_masked_lstsq(
     z = torch.zeros_like(rhs_n) if z is None else z * scale
     u = torch.zeros_like(rhs_n) if u is None else u * scale
 
-    eye = torch.eye(p, dtype=gram.dtype, device=gram.device)
-    x = torch.linalg.solve(gram_n + rho0 * eye, rhs_n + rho0 * (z - u))
-    inv = _ridge_inverse(gram_n, rho)
+    # The warm start may be a transposed view (DSF's A-step): make the loop's operands
+    # row-major like the matmul output, or every elementwise pass runs strided.
+    z, u = z.contiguous(), u.contiguous()
+    x = torch.cholesky_solve(rhs_n + rho0 * (z - u), _ridge_cholesky(gram_n, rho0))
+    inv = torch.cholesky_inverse(_ridge_cholesky(gram_n, rho))  # reused by every iteration
+    inv_rhs = inv @ rhs_n
 
     mask = fixed_mask
     mask_iters = min(mask_iters, iters)  # the last reselection must land exactly on nnz
     total = p if per_column else p * q
     final_sparsity = 1.0 - (min(nnz, total) / total) if nnz is not None else 0.0
     for it in range(iters):
+        xu = x + u
         if fixed_mask is None and it < mask_iters:
             keep = round(total * (1.0 - cubic_sparsity(it + 1, mask_iters, final_sparsity)))
-            if it + 1 == mask_iters:
-                keep = nnz
-            mask = topk_mask((x + u).abs(), keep, per_column)
-        z = (x + u) * mask
-        u = u + (x - z)
-        x = inv @ (rhs_n + rho * (z - u))
+            mask = topk_mask(xu.abs(), nnz if it + 1 == mask_iters else keep, per_column)
+        # z = mask*(x+u), u <- u + x - z = (x+u) off the mask, so z - u = where(mask, x+u, -(x+u))
+        u = xu.masked_fill(mask, 0)
+        x = torch.addmm(inv_rhs, inv, torch.where(mask, xu, -xu), alpha=rho)
+    xu = x + u
     if mask is None:  # iters == 0: select once from the first step
-        mask = topk_mask((x + u).abs(), nnz, per_column)
-    z = (x + u) * mask
+        mask = topk_mask(xu.abs(), nnz, per_column)
+    z = xu.masked_fill(~mask, 0)
     return ADMMSolution(z=z / scale, u=u / scale, mask=mask)

@@ -186,7 +186,7 @@ def sylvester_solve(
 
 def finalize_input_factor(
     weight: Tensor, gram: Tensor, first: Tensor, second: Tensor, first_mask: Tensor,
-    *, iters: int = 20, damping: float = 1e-2,
+    *, iters: int = 20, damping: float = 1e-4,
 ) -> Tensor:
     """Refit ``F`` on its fixed mask for ``min tr((W - S F) G (W - S F)^T)``: ADMM whose
     x-step is the Sylvester equation ``G A (S^T S) + rho A = G W^T S + rho (Z - U)``, ``A = F^T``.
@@ -215,7 +215,7 @@ def finalize_input_factor(
 
 def finalize_output_factor(
     weight: Tensor, gram: Tensor, first: Tensor, second: Tensor, second_mask: Tensor,
-    *, iters: int = 20, damping: float = 1e-2,
+    *, iters: int = 20, damping: float = 1e-4,
 ) -> Tensor:
     """Refit ``S`` on its fixed mask: a masked regression with Gram ``F G F^T`` and right-hand
     side ``F G W^T``, solved by :func:`admm_masked_lstsq` warm-started at ``S``. Returns ``(out, r)``."""
@@ -266,6 +266,8 @@ def double_sparse_factorize(
     seed: int = 0,
     damping: float = 1e-2,
     finalize_iters: int = 20,
+    finalize_rounds: int = 1,
+    finalize_damping: float = 1e-4,
     name: str | None = None,
 ) -> Factorization:
     """Factorize ``W ~= S @ F`` with ``nnz(S) + nnz(F) <= floor(density * W.numel())``.
@@ -276,8 +278,11 @@ def double_sparse_factorize(
         gram: ``(fan_in, fan_in)`` mean calibration Gram ``X^T X / N`` for layer-wise pruning;
             ``None`` for data-free projection (``G = I``).
         preset: the paper's settings: ``"vision"`` (square share ``max(0.05, density/2)``, no
-            input-norm scaling, finalize both factors with data) or ``"llm"`` (share 0.16
-            square / 0.25 rectangular, Wanda-style input-norm scaling, finalize ``S`` only).
+            input-norm scaling) or ``"llm"`` (share 0.16 square / 0.25 rectangular,
+            Wanda-style input-norm scaling). Both finalize both factors with the Gram: the
+            paper finalizes only ``S`` for LLMs, but on SmolLM2-135M refitting ``F`` too cuts
+            the layer-wise error by 27-35% (v_proj, down_proj at density 0.4), turning a loss
+            against ADMM pruning into a win; pass ``finalize=("output",)`` for the paper's.
         square_share: override of the square ``(r, r)`` factor's own density.
         input_norm_scaling: override: project ``W diag(||X_j||)`` and scale ``F`` back.
         finalize: override: which factors to refit on fixed masks with the Gram
@@ -287,8 +292,15 @@ def double_sparse_factorize(
         fixed_mask: the paper's "one mask fix": the square factor's mask is random, from
             ``seed`` and its shape only, so every layer of that shape shares it.
         seed: seed of the fixed mask.
-        damping: relative ridge on every Gram (dead inputs stay solvable).
+        damping: relative ridge on the Grams of Algorithm 1's alternating steps, whose
+            annealed first step (``rho_0 -> 0``) is otherwise singular for sparse factors.
+        finalize_damping: relative ridge of the finalization. Small on purpose: the
+            finalization's ADMM penalty already makes every solve definite, and a 1e-2 ridge
+            on real LLM Grams (eigenvalues down to 1e-9 of the largest) biases the refit so
+            much that it raised SmolLM2 layer 0 k_proj's error 3x instead of lowering it.
         finalize_iters: ADMM iterations of each finalization.
+        finalize_rounds: passes over the ``finalize`` sides (each pass lowers the error a
+            little more: 0.90 -> 0.85 -> 0.83 of ADMM's error on SmolLM2 down_proj).
         name: layer name for error messages.
 
     Returns:
@@ -301,14 +313,12 @@ def double_sparse_factorize(
     out, fan_in = weight.shape
     square_share = preset if square_share is None else square_share
     scaling = (preset == "llm") if input_norm_scaling is None else input_norm_scaling
-    if finalize is None:
-        finalize = ("output",) if preset == "llm" else ("input", "output")
-    finalize = tuple(finalize) if gram is not None else ()
+    finalize = tuple(("input", "output") if finalize is None else finalize) if gram is not None else ()
     if not set(finalize) <= {"input", "output"}:
         raise ValueError(f"finalize must name 'input' and/or 'output', got {finalize!r}")
-    if outer_iters < 1 or inner_iters < 1 or mask_iters < 1:
-        raise ValueError(f"outer_iters, inner_iters and mask_iters must be >= 1, got "
-                         f"{outer_iters}, {inner_iters}, {mask_iters}")
+    if min(outer_iters, inner_iters, mask_iters, finalize_rounds) < 1:
+        raise ValueError(f"outer_iters, inner_iters, mask_iters and finalize_rounds must be >= 1, got "
+                         f"{outer_iters}, {inner_iters}, {mask_iters}, {finalize_rounds}")
     nnz_square = square_factor_nnz(square_share, density, out, fan_in, name)
     nnz_other = budget - nnz_square
 
@@ -334,10 +344,13 @@ def double_sparse_factorize(
     if norm is not None:
         first = first / norm[None, :]
 
-    if "input" in finalize:
-        first = finalize_input_factor(w, g, first, second, first_mask, iters=finalize_iters, damping=damping)
-    if "output" in finalize:
-        second = finalize_output_factor(w, g, first, second, second_mask, iters=finalize_iters, damping=damping)
+    for _ in range(finalize_rounds):
+        if "input" in finalize:
+            first = finalize_input_factor(w, g, first, second, first_mask, iters=finalize_iters,
+                                          damping=finalize_damping)
+        if "output" in finalize:
+            second = finalize_output_factor(w, g, first, second, second_mask, iters=finalize_iters,
+                                            damping=finalize_damping)
 
     first, second = first.contiguous(), second.contiguous()
     error = reconstruction_error(w, second @ first, g)
