@@ -1,0 +1,442 @@
+"""Leaving the masked training form: merge to dense, packed storage, CSR inference on CPU.
+
+Three exits from a pruned model (one holding :mod:`dsf_lightning.modules` layers):
+
+* :func:`merged_state_dict` -- the dense product ``S F`` (or ``W * mask``) of every pruned layer
+  under the original layer's keys (``<name>.weight``, ``<name>.bias``): it loads with
+  ``strict=True`` into a fresh instance of the original dense architecture.
+* :func:`save_packed` / :func:`load_packed` -- the storage format of the paper (section 4.4,
+  appendices A.4/A.5): per masked tensor only its nonzero values (in 16-bit floats) and its mask
+  as a bit vector, in one ``safetensors`` file whose metadata holds the pruned structure as JSON.
+* :func:`to_csr` -- swaps :class:`~dsf_lightning.modules.DSFLinear` /
+  :class:`~dsf_lightning.modules.SparseLinear` for inference modules holding ``torch.sparse_csr``
+  matrices (:class:`CSRDSFLinear` with two, :class:`CSRLinear` with one), the setting of the
+  paper's appendix A.3 CPU benchmark.
+
+Packed file layout (``format = "dsf-packed"``, ``version = "1"`` in the metadata):
+
+* ``<name>.<param>.values``: ``param[mask]`` (row-major mask order) in the chosen ``dtype``, for
+  every masked parameter (``first``/``second`` of DSF layers, ``weight`` of Sparse layers);
+* ``<name>.<param>.mask``: ``uint8`` bits of the mask, 8 per byte, most significant bit first
+  (``numpy.packbits`` order), zero padded at the end (:func:`pack_bits`);
+* every other entry of ``model.state_dict()`` (biases, BatchNorm parameters and running
+  statistics, embeddings, unpruned layers) under its own key. Floating tensors are stored in the
+  chosen ``dtype`` too -- the whole checkpoint is a 16-bit model, as in the paper's size
+  accounting -- and integer/bool tensors (``num_batches_tracked``) keep their dtype.
+  ``dtype=None`` keeps every tensor's own dtype (lossless for float32 models);
+* metadata ``structure``: JSON list of ``{"name", "class", "spec", "params": {param: shape}}``
+  per pruned module, ``spec`` being the module's constructor kwargs (``module.spec()``).
+
+Loading casts every value to the dtype of the receiving model, so the round trip is bit-exact
+when the model's values are representable in the stored dtype and equals rounding otherwise.
+Mask buffers are not stored as tensors: they are the unpacked bits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import safe_open
+from safetensors.torch import save as st_save_bytes
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from dsf_lightning import modules as _modules
+from dsf_lightning.modules import PRUNED_MODULE_TYPES, DSFLinear, SparseLinear
+
+__all__ = [
+    "CSRDSFLinear",
+    "CSRLinear",
+    "PACKED_FORMAT",
+    "PACKED_VERSION",
+    "load_packed",
+    "merged_state_dict",
+    "pack_bits",
+    "pack_model",
+    "packed_size_bytes",
+    "pruned_modules",
+    "save_packed",
+    "to_csr",
+    "unpack_bits",
+]
+
+PACKED_FORMAT = "dsf-packed"
+PACKED_VERSION = "1"
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
+_CLASSES: dict[str, type[nn.Module]] = {cls.__name__: cls for cls in PRUNED_MODULE_TYPES}
+
+
+# --------------------------------------------------------------------------------------------- bits
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """Bool ``mask`` (any shape) -> 1-D ``uint8`` of ``ceil(numel / 8)`` bytes.
+
+    Row-major order, 8 entries per byte, most significant bit first (as ``numpy.packbits``); the
+    last byte is zero padded. Inverse: :func:`unpack_bits` with the mask's shape.
+    """
+    flat = mask.detach().reshape(-1).to(device="cpu", dtype=torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8)
+    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """``uint8`` ``bits`` from :func:`pack_bits` -> bool mask of ``shape`` (on ``bits``' device)."""
+    shape = tuple(int(s) for s in shape)
+    n = math.prod(shape)
+    if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != (n + 7) // 8:
+        raise ValueError(f"unpack_bits: expected a 1-D uint8 tensor of {(n + 7) // 8} bytes for shape {shape}, "
+                         f"got {bits.dtype} of shape {tuple(bits.shape)}")
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
+    flat = ((bits.unsqueeze(1) >> shifts) & 1).reshape(-1)[:n]
+    return flat.to(torch.bool).reshape(shape)
+
+
+# ------------------------------------------------------------------------------------ model helpers
+
+def pruned_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` of every :data:`~dsf_lightning.modules.PRUNED_MODULE_TYPES` layer in ``model``."""
+    for name, m in model.named_modules():
+        if isinstance(m, PRUNED_MODULE_TYPES):
+            yield name, m
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:
+        raise ValueError("cannot replace the root module itself")
+    model.set_submodule(name, new)
+
+
+def _masked_names(m: nn.Module) -> list[str]:
+    """Attribute names of ``m``'s masked parameters, in :meth:`masked_parameters` order."""
+    names = {id(p): n for n, p in m.named_parameters(recurse=False)}
+    return [names[id(p)] for p, _ in m.masked_parameters()]
+
+
+def _mask_buffer_name(param_name: str) -> str:
+    return f"{param_name}_mask"
+
+
+def _prefix(name: str) -> str:
+    return f"{name}." if name else ""
+
+
+# ------------------------------------------------------------------------------------------- merge
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` with every pruned layer replaced by its dense weight and bias.
+
+    Keys of a pruned layer ``name`` become ``<name>.weight`` (the product ``S F`` for DSF layers,
+    ``weight * mask`` for Sparse ones, shaped as ``nn.Linear`` / ``nn.Conv2d`` weights) and
+    ``<name>.bias`` (if any), so the result loads with ``strict=True`` into the original dense
+    architecture. Tensors are detached; dtype and device are the model's. A Linear layer pruned
+    from a transformers ``Conv1D`` (weight ``(in, out)``) gets the ``nn.Linear`` orientation
+    ``(out, in)``: transpose it yourself for a ``Conv1D`` architecture.
+    """
+    state = model.state_dict()
+    pruned = dict(pruned_modules(model))
+    for name, m in pruned.items():
+        p = _prefix(name)
+        for k in list(m.state_dict().keys()):
+            state.pop(p + k, None)
+    out: dict[str, Tensor] = {}
+    for k, v in state.items():
+        out[k] = v.detach()
+    for name, m in pruned.items():
+        p = _prefix(name)
+        out[p + "weight"] = m.merged_weight().detach().clone()
+        if m.bias is not None:
+            out[p + "bias"] = m.bias.detach().clone()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ packed
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return "none" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def pack_model(model: nn.Module, dtype: torch.dtype | None = torch.float16
+               ) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and metadata :func:`save_packed` writes (see the module docstring for the layout).
+
+    Args:
+        model: a model holding pruned modules (any number, also none).
+        dtype: ``torch.float16``, ``torch.bfloat16`` (or any floating dtype) for the stored values and
+            every other floating tensor; ``None`` keeps each tensor's dtype.
+    """
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype or None, got {dtype}")
+    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype) if t.is_floating_point() else t)  # noqa: E731
+    state = model.state_dict()
+    tensors: dict[str, Tensor] = {}
+    structure: list[dict[str, Any]] = []
+    for name, m in pruned_modules(model):
+        p = _prefix(name)
+        shapes: dict[str, list[int]] = {}
+        for pname, (param, mask) in zip(_masked_names(m), m.masked_parameters()):
+            tensors[f"{p}{pname}.values"] = cast(param.detach()[mask]).cpu().contiguous()
+            tensors[f"{p}{pname}.mask"] = pack_bits(mask)
+            shapes[pname] = list(param.shape)
+            state.pop(p + pname, None)
+            state.pop(p + _mask_buffer_name(pname), None)
+        structure.append(dict(name=name, **{"class": type(m).__name__}, spec=_json_spec(m.spec()), params=shapes))
+    for k, v in state.items():
+        tensors[k] = cast(v.detach()).cpu().contiguous()
+    # safetensors refuses tensors sharing storage (tied weights); copies are fine for a file.
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        ptr = v.untyped_storage().data_ptr()
+        if v.numel() and ptr in seen:
+            tensors[k] = v.clone()
+        seen.add(ptr)
+    metadata = {"format": PACKED_FORMAT, "version": PACKED_VERSION, "dtype": _dtype_name(dtype),
+                "structure": json.dumps(structure)}
+    return tensors, metadata
+
+
+def _json_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
+
+
+def save_packed(model: nn.Module, path: str | Path, dtype: torch.dtype | None = torch.float16) -> int:
+    """Write ``model`` in the packed format to ``path`` (safetensors); returns the file size in bytes."""
+    tensors, metadata = pack_model(model, dtype)
+    save_file(tensors, str(path), metadata=metadata)
+    return Path(path).stat().st_size
+
+
+def packed_size_bytes(model: nn.Module, dtype: torch.dtype | None = torch.float16) -> int:
+    """Size in bytes of the file :func:`save_packed` would write (serialized in memory)."""
+    tensors, metadata = pack_model(model, dtype)
+    return len(st_save_bytes(tensors, metadata=metadata))
+
+
+def _read_packed(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, metadata
+
+
+def _check_dense_layer(model: nn.Module, name: str, cls_name: str, spec: dict[str, Any]) -> nn.Module:
+    """The layer at ``name``, checked to be the dense layer (or same pruned layer) the spec replaces."""
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"load_packed: the model has no layer {name!r} (the file prunes it as {cls_name})") from None
+    cls = _CLASSES[cls_name]
+    if isinstance(layer, PRUNED_MODULE_TYPES):
+        shape_of = lambda d: {k: v for k, v in d.items() if k != "forward_mode"}  # noqa: E731 (a runtime choice)
+        if type(layer) is not cls or shape_of(_json_spec(layer.spec())) != shape_of(spec):
+            raise ValueError(f"load_packed: layer {name!r} is already a {type(layer).__name__} "
+                             f"{layer.spec()}, the file has {cls_name} {spec}")
+        return layer
+    if cls_name.endswith("Conv2d"):
+        if not isinstance(layer, nn.Conv2d):
+            raise ValueError(f"load_packed: layer {name!r} is a {type(layer).__name__}, the file prunes an "
+                             f"nn.Conv2d into {cls_name}")
+        got = dict(in_channels=layer.in_channels, out_channels=layer.out_channels, kernel_size=list(layer.kernel_size),
+                   bias=layer.bias is not None, groups=layer.groups)
+        want = dict(in_channels=spec["in_channels"], out_channels=spec["out_channels"],
+                    kernel_size=list(spec["kernel_size"]), bias=spec["bias"], groups=1)
+        geometry_ok = (list(layer.stride) == list(spec["stride"]) and list(layer.dilation) == list(spec["dilation"])
+                       and layer.padding_mode == spec["padding_mode"]
+                       and (list(layer.padding) if not isinstance(layer.padding, str) else layer.padding)
+                       == spec["padding"])
+        if got != want or not geometry_ok:
+            raise ValueError(f"load_packed: layer {name!r} has shape/geometry {got} (stride={layer.stride}, "
+                             f"padding={layer.padding}), the file has {cls_name} {spec}")
+        return layer
+    try:
+        w = _modules._linear_weight(layer, cls_name)
+    except ValueError:
+        raise ValueError(f"load_packed: layer {name!r} is a {type(layer).__name__}, the file prunes a Linear "
+                         f"into {cls_name}") from None
+    got = dict(out_features=w.shape[0], in_features=w.shape[1], bias=getattr(layer, "bias", None) is not None)
+    want = dict(out_features=spec["out_features"], in_features=spec["in_features"], bias=spec["bias"])
+    if got != want:
+        raise ValueError(f"load_packed: layer {name!r} has {got}, the file has {cls_name} {want}")
+    return layer
+
+
+@torch.no_grad()
+def load_packed(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a :func:`save_packed` file into ``model``, a fresh dense instance of the same architecture.
+
+    Each layer the file prunes is replaced by an empty pruned module built from the stored spec
+    (after checking that the dense layer at that name exists with the same type, shape, bias and
+    geometry -- or is already the same pruned module -- else ``ValueError`` naming the layer) and
+    filled with the unpacked values and masks; every other tensor loads as in
+    ``load_state_dict(strict=True)``. Values are cast to the receiving model's dtypes and devices.
+    Returns ``model`` (modified in place).
+    """
+    tensors, metadata = _read_packed(path)
+    if metadata.get("format") != PACKED_FORMAT:
+        raise ValueError(f"load_packed: {path} is not a {PACKED_FORMAT!r} file (metadata format="
+                         f"{metadata.get('format')!r})")
+    if metadata.get("version") != PACKED_VERSION:
+        raise ValueError(f"load_packed: unsupported packed version {metadata.get('version')!r}")
+    structure = json.loads(metadata["structure"])
+    # Check everything before touching the model.
+    layers = {}
+    for entry in structure:
+        name, cls_name, spec = entry["name"], entry["class"], entry["spec"]
+        if cls_name not in _CLASSES:
+            raise ValueError(f"load_packed: layer {name!r} has unknown pruned class {cls_name!r}")
+        layers[name] = _check_dense_layer(model, name, cls_name, spec)
+    for entry in structure:
+        name, cls_name, spec = entry["name"], entry["class"], entry["spec"]
+        layer = layers[name]
+        if isinstance(layer, PRUNED_MODULE_TYPES):
+            new = layer
+        else:
+            ref = layer.weight
+            kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+            new = _CLASSES[cls_name](**kwargs, device=ref.device, dtype=ref.dtype)
+        p = _prefix(name)
+        for pname, shape in entry["params"].items():
+            param = getattr(new, pname)
+            mask_buf = getattr(new, _mask_buffer_name(pname))
+            if list(param.shape) != list(shape):
+                raise ValueError(f"load_packed: layer {name!r} parameter {pname} has shape {tuple(param.shape)}, "
+                                 f"the file has {tuple(shape)}")
+            mask = unpack_bits(tensors.pop(f"{p}{pname}.mask"), shape)
+            values = tensors.pop(f"{p}{pname}.values")
+            if values.numel() != int(mask.sum()):
+                raise ValueError(f"load_packed: layer {name!r} parameter {pname}: {values.numel()} values for "
+                                 f"{int(mask.sum())} mask bits")
+            mask = mask.to(mask_buf.device)
+            param.zero_()
+            param[mask] = values.to(device=param.device, dtype=param.dtype)
+            mask_buf.copy_(mask)
+        if new is not layer:
+            _replace(model, name, new)
+    own = model.state_dict()
+    expected = set(own)
+    for entry in structure:
+        p = _prefix(entry["name"])
+        for pname in entry["params"]:
+            expected.discard(p + pname)
+            expected.discard(p + _mask_buffer_name(pname))
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise ValueError(f"load_packed: state mismatch: missing {missing[:10]}, unexpected {unexpected[:10]}")
+    for k in expected:
+        own[k].copy_(tensors[k].to(device=own[k].device, dtype=own[k].dtype))
+    return model
+
+
+# --------------------------------------------------------------------------------------------- CSR
+
+def _to_csr(dense: Tensor) -> Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        return dense.detach().to_sparse_csr()
+
+
+class _CSRBase(nn.Module):
+    """Inference-only layer ``(..., in) -> (..., out)`` running CSR matrices on ``x^T`` ``(in, tokens)``."""
+
+    bias: Tensor | None
+    in_features: int
+    out_features: int
+
+    def _matrices(self) -> list[Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        h = x.reshape(-1, self.in_features).T  # (in, tokens)
+        for w in self._matrices():
+            h = torch.sparse.mm(w, h)
+        y = h.T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    @property
+    def nnz(self) -> int:
+        return sum(int(w.values().numel()) for w in self._matrices())
+
+
+class CSRLinear(_CSRBase):
+    """``y = x W^T + b`` with ``W`` a ``torch.sparse_csr`` ``(out, in)`` buffer (inference only, no grad).
+
+    Build from a :class:`~dsf_lightning.modules.SparseLinear` with :meth:`from_module` (or via
+    :func:`to_csr`). The input may have any leading dimensions.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight if weight.layout == torch.sparse_csr else _to_csr(weight))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_module(cls, m: SparseLinear) -> CSRLinear:
+        return cls(_to_csr(m.weight * m.weight_mask), m.bias)
+
+    def _matrices(self) -> list[Tensor]:
+        return [self.weight]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}"
+
+
+class CSRDSFLinear(_CSRBase):
+    """``y = x F^T S^T + b`` with ``first`` ``F`` ``(rank, in)`` and ``second`` ``S`` ``(out, rank)`` as
+    ``torch.sparse_csr`` buffers: two sparse products ``S (F x^T)`` (inference only, no grad)."""
+
+    def __init__(self, first: Tensor, second: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.rank, self.in_features = first.shape
+        self.out_features = second.shape[0]
+        if second.shape[1] != self.rank:
+            raise ValueError(f"CSRDSFLinear: second {tuple(second.shape)} does not match first {tuple(first.shape)}")
+        self.register_buffer("first", first if first.layout == torch.sparse_csr else _to_csr(first))
+        self.register_buffer("second", second if second.layout == torch.sparse_csr else _to_csr(second))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_module(cls, m: DSFLinear) -> CSRDSFLinear:
+        return cls(_to_csr(m.first * m.first_mask), _to_csr(m.second * m.second_mask), m.bias)
+
+    def _matrices(self) -> list[Tensor]:
+        return [self.first, self.second]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"nnz={self.nnz}")
+
+
+@torch.no_grad()
+def to_csr(model: nn.Module) -> nn.Module:
+    """Replace every ``DSFLinear`` / ``SparseLinear`` of ``model`` (in place) by :class:`CSRDSFLinear` /
+    :class:`CSRLinear`; returns ``model``.
+
+    For CPU inference (paper appendix A.3): the result has no gradients through those layers.
+    ``DSFConv2d`` / ``SparseConv2d`` stay as they are -- a sparse convolution would need im2col
+    plus CSR, which is not faster than the dense conv in PyTorch; merge them with ``to_dense()``
+    for inference instead. A module that *is* a pruned Linear is returned converted.
+    """
+    if isinstance(model, DSFLinear):
+        return CSRDSFLinear.from_module(model)
+    if isinstance(model, SparseLinear):
+        return CSRLinear.from_module(model)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, DSFLinear):
+            _replace(model, name, CSRDSFLinear.from_module(m))
+        elif isinstance(m, SparseLinear):
+            _replace(model, name, CSRLinear.from_module(m))
+    return model
