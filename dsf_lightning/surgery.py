@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dsf_lightning.calibration import InputGramRecorder
-from dsf_lightning.factorization import FACTORIZERS, factorize, nnz_budget, square_factor_nnz
+from dsf_lightning.factorization import FACTORIZERS, Factorization, factorize, nnz_budget, square_factor_nnz
 from dsf_lightning.modules import (
     PRUNED_MODULE_TYPES,
     DSFConv2d,
@@ -52,7 +52,10 @@ from dsf_lightning.modules import (
 )
 
 __all__ = [
+    "LayerJob",
     "LayerRecord",
+    "LayerResult",
+    "PrunePlan",
     "PruneReport",
     "apply_structure_spec",
     "default_forward",
@@ -60,6 +63,7 @@ __all__ = [
     "find_targets",
     "load_pruned",
     "merge",
+    "plan_prune",
     "prune",
     "replace_module",
     "save_pruned",
@@ -458,55 +462,45 @@ def _record_grams(model: nn.Module, targets: Mapping[str, nn.Module], calibratio
     return rec.grams, counts
 
 
-def prune(
+@dataclass
+class PrunePlan:
+    """What :func:`plan_prune` resolved, before any work: the targets in module order, skipped layers
+    with reasons, the density of every target, the method's options (DSF's ``preset`` filled in)."""
+
+    method: str
+    density: float
+    preset: str
+    targets: dict[str, nn.Module]
+    skipped: dict[str, str]
+    densities: dict[str, float]
+    options: dict[str, Any]
+
+
+def plan_prune(
     model: nn.Module,
     density: float,
     method: str = "dsf",
     *,
-    calibration: Iterable | None = None,
-    forward: Callable[[nn.Module, Any], Any] | None = None,
+    with_calibration: bool = False,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     preset: Preset | None = None,
     densities: Mapping[str, float] | None = None,
     forward_mode: Literal["auto", "fused", "sequential"] = "auto",
-    balance_norms: bool = True,
-    progress: bool = True,
     factorization_options: Mapping[str, Any] | None = None,
-) -> PruneReport:
-    """One-shot prune ``model`` in place: every target layer becomes a masked pruned module.
+) -> PrunePlan:
+    """Every check :func:`prune` makes before it touches data or the model, as a :class:`PrunePlan`.
 
-    Args:
-        model: any ``nn.Module`` (torchvision/timm CNNs and ViTs, HF causal LMs, ...).
-        density: kept fraction in ``(0, 1]``: every layer keeps at most ``floor(density * out * fan_in)``
-            nonzeros (both factors together for DSF).
-        method: a :data:`~dsf_lightning.factorization.FACTORIZERS` name (``"dsf"``, ``"magnitude"``,
-            ``"wanda"``, ``"admm"``, ``"svd"``).
-        calibration: batches for layer-wise pruning; input Grams of all targets are recorded in one
-            pass (eval mode, no grad). ``None``: data-free projection (``G = I``).
-        forward: ``forward(model, batch)`` running one batch; default :func:`default_forward`.
-        include, exclude, preset: target selection, see :func:`find_targets`. The resolved preset is
-            also DSF's ``preset`` option unless ``factorization_options`` sets it.
-        densities: per-layer overrides ``{name: density}`` (names as in :func:`find_targets`).
-        forward_mode: of DSF modules (``"auto"``, ``"fused"``, ``"sequential"``).
-        balance_norms: balance the two factors' norms per rank channel (paper section 4.4).
-        progress: tqdm bar over layers.
-        factorization_options: extra keyword options of the method (e.g. ``{"outer_iters": 10}``).
-
-    Returns:
-        :class:`PruneReport`. The pruned structure is readable with :func:`structure_spec`.
-
-    Raises:
-        ValueError: bad arguments, no targets, an already pruned layer, a method needing
-            calibration without it, a density too small for some layer: all before the model changes.
+    For callers that record calibration Grams themselves (e.g. all-reduced across ranks) and want
+    bad arguments to fail before that pass. ``with_calibration``: whether Grams will be given
+    (methods needing calibration raise otherwise). Raises ``ValueError`` like :func:`prune`.
     """
-    # (1) validate everything before any work: a bad argument must not cost a calibration pass.
     density = _check_density(density, "density")
     if method not in FACTORIZERS:
         raise ValueError(f"unknown method {method!r}; valid methods: {sorted(FACTORIZERS)}")
     if forward_mode not in ("auto", "fused", "sequential"):
         raise ValueError(f"forward_mode must be 'auto', 'fused' or 'sequential', got {forward_mode!r}")
-    if method in NEEDS_CALIBRATION and calibration is None:
+    if method in NEEDS_CALIBRATION and not with_calibration:
         raise ValueError(f"method {method!r} needs calibration data: pass calibration=<iterable of batches>")
     resolved = detect_preset(model) if preset is None else preset
     opts = dict(factorization_options or {})
@@ -531,22 +525,141 @@ def prune(
     for n, layer in targets.items():
         out, fan_in = _weight_matrix(layer).shape
         _precheck(method, n, out, fan_in, per_layer[n], opts)
+    return PrunePlan(method=method, density=density, preset=resolved, targets=targets, skipped=skipped,
+                     densities=per_layer, options=opts)
+
+
+@dataclass
+class LayerJob:
+    """One layer's factorization problem, as :func:`prune` hands it to an ``executor``.
+
+    ``weight`` is the ``(out, fan_in)`` float32 matrix on the layer's device, ``gram`` the mean input
+    Gram (float32, same device) or ``None`` (data-free). :meth:`run` solves it; ``cost`` is a
+    relative work estimate (``out * fan_in * min(out, fan_in)``) for balancing jobs across workers.
+    """
+
+    name: str
+    method: str
+    weight: Tensor
+    density: float
+    gram: Tensor | None
+    options: dict[str, Any]
+
+    @property
+    def cost(self) -> int:
+        out, fan_in = self.weight.shape
+        return out * fan_in * min(out, fan_in)
+
+    def run(self) -> LayerResult:
+        """Factorize with ``method`` and with magnitude pruning (the error baseline), timed."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            fact = factorize(self.method, self.weight, self.density, self.gram, name=self.name, **self.options)
+            mag = fact if self.method == "magnitude" else factorize("magnitude", self.weight, self.density,
+                                                                    self.gram, name=self.name)
+        return LayerResult(fact, mag.error, mag.relative_error, time.perf_counter() - t0)
+
+
+@dataclass
+class LayerResult:
+    """A solved :class:`LayerJob`: the factorization, magnitude pruning's error (absolute and
+    relative) at the same density, and the seconds it took (on whichever worker ran it)."""
+
+    factorization: Factorization
+    magnitude_error: float
+    magnitude_relative_error: float
+    seconds: float
+
+
+Executor = Callable[[Sequence[LayerJob]], Mapping[str, LayerResult]]
+
+
+def prune(
+    model: nn.Module,
+    density: float,
+    method: str = "dsf",
+    *,
+    calibration: Iterable | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    preset: Preset | None = None,
+    densities: Mapping[str, float] | None = None,
+    forward_mode: Literal["auto", "fused", "sequential"] = "auto",
+    balance_norms: bool = True,
+    progress: bool = True,
+    factorization_options: Mapping[str, Any] | None = None,
+    grams: Mapping[str, Tensor] | None = None,
+    executor: Executor | None = None,
+) -> PruneReport:
+    """One-shot prune ``model`` in place: every target layer becomes a masked pruned module.
+
+    Args:
+        model: any ``nn.Module`` (torchvision/timm CNNs and ViTs, HF causal LMs, ...).
+        density: kept fraction in ``(0, 1]``: every layer keeps at most ``floor(density * out * fan_in)``
+            nonzeros (both factors together for DSF).
+        method: a :data:`~dsf_lightning.factorization.FACTORIZERS` name (``"dsf"``, ``"magnitude"``,
+            ``"wanda"``, ``"admm"``, ``"svd"``).
+        calibration: batches for layer-wise pruning; input Grams of all targets are recorded in one
+            pass (eval mode, no grad). ``None``: data-free projection (``G = I``).
+        forward: ``forward(model, batch)`` running one batch; default :func:`default_forward`.
+        include, exclude, preset: target selection, see :func:`find_targets`. The resolved preset is
+            also DSF's ``preset`` option unless ``factorization_options`` sets it.
+        densities: per-layer overrides ``{name: density}`` (names as in :func:`find_targets`).
+        forward_mode: of DSF modules (``"auto"``, ``"fused"``, ``"sequential"``).
+        balance_norms: balance the two factors' norms per rank channel (paper section 4.4).
+        progress: tqdm bar over layers.
+        factorization_options: extra keyword options of the method (e.g. ``{"outer_iters": 10}``).
+        grams: precomputed mean input Grams ``{target name: (fan_in, fan_in)}`` instead of
+            ``calibration`` (e.g. recorded per rank and all-reduced); must cover every target.
+        executor: ``executor(jobs) -> {name: LayerResult}`` solving all :class:`LayerJob` s at once
+            (e.g. split across ranks and broadcast back); the layers are swapped afterwards, in
+            module order. Default: solve and swap one layer at a time, here.
+
+    Returns:
+        :class:`PruneReport`. The pruned structure is readable with :func:`structure_spec`.
+
+    Raises:
+        ValueError: bad arguments, no targets, an already pruned layer, a method needing
+            calibration without it, a density too small for some layer: all before the model changes.
+    """
+    # (1) validate everything before any work: a bad argument must not cost a calibration pass.
+    if calibration is not None and grams is not None:
+        raise ValueError("pass either calibration or grams, not both")
+    plan = plan_prune(model, density, method, with_calibration=calibration is not None or grams is not None,
+                      include=include, exclude=exclude, preset=preset, densities=densities,
+                      forward_mode=forward_mode, factorization_options=factorization_options)
+    targets, opts = plan.targets, plan.options
+    if grams is not None:
+        missing = [n for n in targets if n not in grams]
+        if missing:
+            raise ValueError(f"grams has no Gram for target layer(s) {missing[:5]}")
 
     start = time.perf_counter()
-    grams: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
     if calibration is not None:
         grams, counts = _record_grams(model, targets, calibration, forward or default_forward)
+    grams = dict(grams or {})
 
-    report = PruneReport(method=method, preset=resolved, density=density, skipped=skipped,
+    report = PruneReport(method=method, preset=plan.preset, density=plan.density, skipped=plan.skipped,
                          calibration_tokens=counts)
+    if executor is not None:
+        jobs = [_job(name, layer, method, plan.densities[name], grams.get(name), opts)
+                for name, layer in targets.items()]
+        results = executor(jobs)
+        jobs.clear()
+        for name, layer in targets.items():
+            report.layers.append(_swap_layer(model, name, layer, method, plan.densities[name], results[name],
+                                             forward_mode, balance_norms))
+        report.seconds = time.perf_counter() - start
+        return report
     bar = tqdm(targets.items(), total=len(targets), desc=f"prune {method}", unit="layer", disable=not progress)
     done: list[str] = []
     try:
         for name, layer in bar:
             bar.set_postfix_str(name, refresh=False)
-            report.layers.append(_prune_layer(model, name, layer, method, per_layer[name], grams.get(name), opts,
-                                              forward_mode, balance_norms))
+            report.layers.append(_prune_layer(model, name, layer, method, plan.densities[name], grams.get(name),
+                                              opts, forward_mode, balance_norms))
             done.append(name)
     except Exception as e:
         # Budgets and options were checked up front, so this is unexpected (e.g. out of memory):
@@ -559,17 +672,28 @@ def prune(
     return report
 
 
-def _prune_layer(model: nn.Module, name: str, layer: nn.Module, method: str, density: float,
-                 gram: Tensor | None, opts: Mapping[str, Any], forward_mode: str, balance_norms: bool) -> LayerRecord:
-    t0 = time.perf_counter()
-    w = _weight_matrix(layer)
+def _job(name: str, layer: nn.Module, method: str, density: float, gram: Tensor | None,
+         opts: Mapping[str, Any]) -> LayerJob:
     # float32 on the layer's device: the math is not stable in half precision, and the module copies
     # the factors back into the layer's own dtype.
-    w32 = w.float()
+    w32 = _weight_matrix(layer).float()
     g = None if gram is None else gram.to(device=w32.device, dtype=torch.float32)
+    return LayerJob(name=name, method=method, weight=w32, density=density, gram=g, options=dict(opts))
+
+
+def _prune_layer(model: nn.Module, name: str, layer: nn.Module, method: str, density: float,
+                 gram: Tensor | None, opts: Mapping[str, Any], forward_mode: str, balance_norms: bool) -> LayerRecord:
+    result = _job(name, layer, method, density, gram, opts).run()
+    return _swap_layer(model, name, layer, method, density, result, forward_mode, balance_norms)
+
+
+def _swap_layer(model: nn.Module, name: str, layer: nn.Module, method: str, density: float, result: LayerResult,
+                forward_mode: str, balance_norms: bool) -> LayerRecord:
+    """Build the pruned module of ``result`` for ``layer``, put it in place, and describe it."""
+    t0 = time.perf_counter()
+    fact = result.factorization
+    w = _weight_matrix(layer)
     with torch.no_grad():
-        fact = factorize(method, w32, density, g, name=name, **opts)
-        mag = fact if method == "magnitude" else factorize("magnitude", w32, density, g, name=name)
         new = pruned_module_from_factorization(layer, fact, forward_mode=forward_mode)
         if balance_norms and isinstance(new, (DSFLinear, DSFConv2d)):
             new.balance_norms_()
@@ -581,9 +705,9 @@ def _prune_layer(model: nn.Module, name: str, layer: nn.Module, method: str, den
     return LayerRecord(
         name=name, layer_type=type(layer).__name__, shape=(out, fan_in), method=method, density=density,
         nnz=new.nnz, budget=nnz_budget(density, out * fan_in), error=fact.error,
-        relative_error=fact.relative_error, magnitude_relative_error=mag.relative_error,
-        error_vs_magnitude=fact.error / mag.error if mag.error > 0 else math.nan,
-        seconds=time.perf_counter() - t0, pruned_type=type(new).__name__)
+        relative_error=fact.relative_error, magnitude_relative_error=result.magnitude_relative_error,
+        error_vs_magnitude=fact.error / result.magnitude_error if result.magnitude_error > 0 else math.nan,
+        seconds=result.seconds + time.perf_counter() - t0, pruned_type=type(new).__name__)
 
 
 # --------------------------------------------------------------------------------------------
