@@ -15,6 +15,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread per test (``make test`` also sets OMP_NUM_THREADS=1): the tests' ops
+    are small, DDP tests run two processes on two cores, and torch's spinning OpenMP threads
+    slow down 10x or more when another process holds a core."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 WIKI_SEQ_LEN = 128
 WIKI_N_SEQUENCES = 16
 

@@ -26,14 +26,6 @@ from dsf_lightning.models import resnet20
 from dsf_lightning.modules import DSFConv2d, DSFLinear, SparseConv2d, SparseLinear, pruned_module_from_factorization
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 class Net(nn.Module):
     """ResNet-20 (width 8) with an extra linear head, so both Linear kinds can be pruned."""
 

@@ -23,16 +23,6 @@ from dsf_lightning.modules import (
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops gain nothing from threads, and on a loaded 2-core machine OpenMP spinning makes
-    a small conv step ~100x slower; restore the setting for the rest of the session."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def dsf(layer: nn.Module, density: float = 0.3):
     w = layer.weight if isinstance(layer, (nn.Linear, nn.Conv2d)) else layer.weight.T
     return double_sparse_factorize(w.detach().flatten(1), density, outer_iters=3)

@@ -25,16 +25,6 @@ from dsf_lightning.surgery import (
 FAST = {"outer_iters": 3}  # DSF with 3 instead of 40 outer iterations: same code paths, fast
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops gain nothing from threads, and on a loaded 2-core machine OpenMP spinning makes
-    them much slower; restore the setting for the rest of the session."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------------

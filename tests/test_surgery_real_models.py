@@ -11,14 +11,6 @@ from dsf_lightning.modules import DSFConv2d, DSFLinear, SparseConv2d
 from dsf_lightning.surgery import find_targets, load_pruned, merge, prune, save_pruned
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_resnet50_paper_targets_prune_and_round_trip(tmp_path):
     import torchvision
 
