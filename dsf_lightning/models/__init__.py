@@ -1,9 +1,10 @@
-"""Models: the CIFAR ResNet-20 architecture.
+"""Models: the CIFAR ResNet-20 architecture and the ``ImageClassifier`` LightningModule.
 
-The LightningModules (``ImageClassifier``, ``CausalLM``) that wrap models for fine-tuning come
-later and will be exported from here too.
+``ImageClassifier`` wraps any image backbone (torchvision, timm, :func:`resnet20`) for training
+and fine-tuning with SGD and the paper's schedules; a ``CausalLM`` module comes later.
 """
 
+from dsf_lightning.models.classifier import ImageClassifier
 from dsf_lightning.models.resnet20 import BasicBlock, ResNet20, resnet20
 
-__all__ = ["BasicBlock", "ResNet20", "resnet20"]
+__all__ = ["BasicBlock", "ImageClassifier", "ResNet20", "resnet20"]
