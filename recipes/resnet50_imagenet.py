@@ -1,0 +1,13 @@
+"""Prune torchvision's ImageNet ResNet-50 with DSF (or a baseline) and fine-tune it; ``--help`` for everything.
+
+    python recipes/resnet50_imagenet.py --data-dir /data/imagenet --density 0.1 --devices 8
+
+The logic lives in :mod:`dsf_lightning.recipes` (``resnet50_main``).
+"""
+
+import sys
+
+from dsf_lightning.recipes import resnet50_main
+
+if __name__ == "__main__":
+    sys.exit(resnet50_main())
