@@ -11,7 +11,7 @@ export WANDB_MODE := offline
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv test test-fast bench demo clean
+.PHONY: venv test test-fast bench demo demo-llm clean
 
 venv: $(STAMP)
 
@@ -35,8 +35,14 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/factorization.py
 
+# ResNet-20 on the offline digits default: dense training, DSF vs magnitude at density 0.1, fine-tuning
+# (a few minutes on 2 CPU cores; one thread per process as measured in benchmarks/RESULTS.md).
 demo: $(STAMP)
-	$(PY) -m dsf_lightning.demo
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m dsf_lightning.demo
+
+# Layer-wise DSF vs magnitude/Wanda/ADMM on the real SmolLM2-135M (Wikipedia Grams, perplexity).
+demo-llm: $(STAMP)
+	$(PY) -m dsf_lightning.llm_demo
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
