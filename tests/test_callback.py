@@ -4,10 +4,7 @@ W&B, masks intact after fit, resume without re-factorizing, bad input. Tiny mode
 from __future__ import annotations
 
 import csv
-import glob
-import json
 import os
-import struct
 import warnings
 
 import pytest
@@ -25,6 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger  # noqa: E402
 import dsf_lightning.surgery as surgery  # noqa: E402
 from dsf_lightning.callbacks import DSFPruneCallback, balance_layers, load_pruned_checkpoint  # noqa: E402
 from dsf_lightning.modules import is_pruned_module  # noqa: E402
+from wandb_offline import wandb_records  # noqa: E402  (tests/ is on sys.path)
 
 os.environ.setdefault("WANDB_SILENT", "true")
 FAST = {"outer_iters": 3}
@@ -116,36 +114,8 @@ def csv_metrics(logger: CSVLogger) -> dict[str, list[float]]:
 
 
 def wandb_history(save_dir) -> dict[str, object]:
-    """Last value of every history key of the offline run under ``save_dir``, read from its ``.wandb``
-    file (LevelDB-log framing: 7-byte file header, 32 KiB blocks, records ``crc32 u32, len u16,
-    type u8`` of protobuf ``Record`` s). Offline runs write no ``wandb-summary.json``."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    (path,) = glob.glob(os.path.join(str(save_dir), "wandb", "offline-run-*", "run-*.wandb"))
-    data = open(path, "rb").read()
-    assert data[:4] == b":W&B"
-    keys: dict[str, object] = {}
-    pos, block, buf = 7, 32768, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        _, length, typ = struct.unpack("<IHB", data[pos:pos + 7])
-        if length == 0 and typ == 0:
-            pos += left
-            continue
-        payload = data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        buf = payload if typ in (1, 2) else buf + payload
-        if typ in (1, 4):
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            if rec.WhichOneof("record_type") == "history":
-                for it in rec.history.item:
-                    keys[it.key or "/".join(it.nested_key)] = json.loads(it.value_json)
-            buf = b""
-    return keys
+    """Last value of every history key of the offline W&B run under ``save_dir``."""
+    return wandb_records(save_dir)["history"]
 
 
 def masks_of(module: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
