@@ -269,6 +269,13 @@ class _DSF(_Pruned):
     def _masked(self) -> list[tuple[nn.Parameter, Tensor]]:
         return [(self.first, self.first_mask), (self.second, self.second_mask)]
 
+    def _load(self, fact: Factorization, bias: Tensor | None) -> None:
+        with torch.no_grad():
+            _copy_masked_(self.first, self.first_mask, fact.first, fact.first_mask)
+            _copy_masked_(self.second, self.second_mask, fact.second, fact.second_mask)
+            if bias is not None:
+                self.bias.copy_(bias)
+
     def _product(self) -> Tensor:
         """``(out, fan_in)`` ``S F`` of the masked factors, differentiable."""
         return (self.second * self.second_mask).flatten(1) @ (self.first * self.first_mask).flatten(1)
@@ -341,11 +348,7 @@ class DSFLinear(_DSF):
         out, in_ = w.shape
         r = _check_factorization(cls.__name__, fact, out, in_, double=True)
         m = cls(in_, out, r, bias=layer.bias is not None, forward_mode=forward_mode, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            _copy_masked_(m.first, m.first_mask, fact.first, fact.first_mask)
-            _copy_masked_(m.second, m.second_mask, fact.second, fact.second_mask)
-            if layer.bias is not None:
-                m.bias.copy_(layer.bias)
+        m._load(fact, layer.bias)
         return m
 
     def _tokens(self, x: Tensor) -> int:
@@ -408,11 +411,7 @@ class DSFConv2d(_Conv2dGeometry, _DSF):
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, r, conv.stride, conv.padding,
                 conv.dilation, conv.padding_mode, conv.bias is not None, forward_mode=forward_mode,
                 device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            _copy_masked_(m.first, m.first_mask, fact.first, fact.first_mask)
-            _copy_masked_(m.second, m.second_mask, fact.second, fact.second_mask)
-            if conv.bias is not None:
-                m.bias.copy_(conv.bias)
+        m._load(fact, conv.bias)
         return m
 
     def forward(self, x: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from dsf_lightning.factorization.admm import _EPS, admm_masked_lstsq, damped, topk_mask
-from dsf_lightning.factorization.dsf import Factorization, reconstruction_error, validate_problem
+from dsf_lightning.factorization.dsf import Factorization, scored_factorization, validate_problem
 
 __all__ = ["admm_prune", "low_rank_svd", "magnitude_prune", "wanda_prune"]
 
@@ -18,16 +18,6 @@ def _compute(weight: Tensor, gram: Tensor | None) -> tuple[Tensor, Tensor | None
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w = weight.detach().to(dtype)
     return w, None if gram is None else gram.detach().to(device=w.device, dtype=dtype)
-
-
-def _result(method: str, w: Tensor, g: Tensor | None, first: Tensor, first_mask: Tensor,
-            second: Tensor | None = None, second_mask: Tensor | None = None, **info) -> Factorization:
-    approx = first if second is None else second @ first
-    error = reconstruction_error(w, approx, g)
-    base = reconstruction_error(w, torch.zeros_like(w), g)
-    return Factorization(first=first.contiguous(), second=None if second is None else second.contiguous(),
-                         first_mask=first_mask, second_mask=second_mask, method=method, error=error,
-                         relative_error=error / base if base > 0 else 0.0, info=info)
 
 
 def _row_keep(density: float, fan_in: int, name: str | None) -> int:
@@ -45,7 +35,7 @@ def magnitude_prune(weight: Tensor, density: float, gram: Tensor | None = None, 
     budget = validate_problem(weight, density, gram, name)
     w, g = _compute(weight, gram)
     mask = topk_mask(w.abs(), budget)
-    return _result("magnitude", w, g, w * mask, mask)
+    return scored_factorization("magnitude", w, g, w * mask, mask)
 
 
 def wanda_prune(weight: Tensor, density: float, gram: Tensor | None = None, *,
@@ -58,7 +48,7 @@ def wanda_prune(weight: Tensor, density: float, gram: Tensor | None = None, *,
     keep = _row_keep(density, w.shape[1], name)
     score = w.abs() * g.diagonal().clamp_min(0).sqrt()[None, :]
     mask = topk_mask(score.T, keep, per_column=True).T.contiguous()
-    return _result("wanda", w, g, w * mask, mask)
+    return scored_factorization("wanda", w, g, w * mask, mask)
 
 
 def admm_prune(weight: Tensor, density: float, gram: Tensor | None = None, *, iters: int = 20,
@@ -78,7 +68,7 @@ def admm_prune(weight: Tensor, density: float, gram: Tensor | None = None, *, it
         g = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
     sol = admm_masked_lstsq(g, g @ w.T, keep, z=w.T, iters=iters, mask_iters=mask_iters,
                             per_column=True, damping=damping)
-    return _result("admm", w, None if gram is None else g, sol.z.T, sol.mask.T.contiguous())
+    return scored_factorization("admm", w, None if gram is None else g, sol.z.T, sol.mask.T.contiguous())
 
 
 def low_rank_svd(weight: Tensor, density: float, gram: Tensor | None = None, *,
@@ -104,4 +94,4 @@ def low_rank_svd(weight: Tensor, density: float, gram: Tensor | None = None, *,
         u, s, vh = torch.linalg.svd(w @ (evecs * root) @ evecs.T, full_matrices=False)
         second, first = u[:, :k] * s[:k], (vh[:k] @ evecs / root) @ evecs.T
     ones = lambda t: torch.ones_like(t, dtype=torch.bool)  # noqa: E731
-    return _result("svd", w, g, first, ones(first), second, ones(second), rank=k)
+    return scored_factorization("svd", w, g, first, ones(first), second, ones(second), rank=k)

@@ -92,6 +92,19 @@ def reconstruction_error(weight: Tensor, approx: Tensor, gram: Tensor | None = N
     return float(((diff @ gram.to(torch.float64)) * diff).sum())
 
 
+def scored_factorization(method: str, w: Tensor, g: Tensor | None, first: Tensor, first_mask: Tensor,
+                         second: Tensor | None = None, second_mask: Tensor | None = None,
+                         **info: Any) -> Factorization:
+    """A :class:`Factorization` with its layer-wise error and the error relative to ``P = 0``."""
+    approx = first if second is None else second @ first
+    error = reconstruction_error(w, approx, g)
+    base = reconstruction_error(w, torch.zeros_like(w), g)
+    contig = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    return Factorization(first=first.contiguous(), second=contig(second), first_mask=first_mask.contiguous(),
+                         second_mask=contig(second_mask), method=method, error=error,
+                         relative_error=error / base if base > 0 else 0.0, info=info)
+
+
 def validate_problem(
     weight: Tensor, density: float, gram: Tensor | None, name: str | None = None
 ) -> int:
@@ -352,12 +365,7 @@ def double_sparse_factorize(
             second = finalize_output_factor(w, g, first, second, second_mask, iters=finalize_iters,
                                             damping=finalize_damping)
 
-    first, second = first.contiguous(), second.contiguous()
-    error = reconstruction_error(w, second @ first, g)
-    base = reconstruction_error(w, torch.zeros_like(w), g)
-    return Factorization(
-        first=first, second=second, first_mask=first_mask.contiguous(), second_mask=second_mask.contiguous(),
-        method="dsf", error=error, relative_error=error / base if base > 0 else 0.0,
-        info={"nnz_square": nnz_square, "nnz_other": nnz_other, "budget": budget, "transposed": transposed,
-              "input_norm_scaling": norm is not None, "finalize": finalize, "fixed_mask": fixed_mask},
-    )
+    return scored_factorization(
+        "dsf", w, g, first, first_mask, second, second_mask,
+        nnz_square=nnz_square, nnz_other=nnz_other, budget=budget, transposed=transposed,
+        input_norm_scaling=norm is not None, finalize=finalize, fixed_mask=fixed_mask)
