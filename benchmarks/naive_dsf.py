@@ -23,6 +23,8 @@ import math
 import torch
 from torch import Tensor
 
+from dsf_lightning.factorization.dsf import square_factor_nnz
+
 EPS = 1e-8
 
 
@@ -73,10 +75,10 @@ def naive_admm(xtx: Tensor, xty: Tensor, nnz: int, z: Tensor, u: Tensor, *, iter
 
 
 def square_nnz(density: float, out: int, fan_in: int) -> tuple[int, int]:
-    """(nnz of the square factor, nnz of the other): vision rule ``max(0.05, density / 2) * r^2``."""
-    r = min(out, fan_in)
+    """(nnz of the square factor, nnz of the other): the library's vision rule, so that both sides
+    of the benchmark solve the same problem."""
     budget = math.floor(density * out * fan_in)
-    nnz_a = max(1, math.floor(max(0.05, density / 2) * r * r))
+    nnz_a = square_factor_nnz("vision", density, out, fan_in)
     return nnz_a, budget - nnz_a
 
 

@@ -293,7 +293,8 @@ def test_dsf_square_share_too_large_fails_before_work(no_factorize):
     model = small_cnn()
     snap = snapshot(model)
     with pytest.raises(ValueError, match="layer '3': the square factor's share"):
-        prune(model, 0.02, "dsf", preset="vision", progress=False)  # square share 0.05 > density
+        prune(model, 0.02, "dsf", preset="vision", progress=False,  # square share 0.05 > density
+              factorization_options={"square_share": 0.05})
     assert_unchanged(model, snap)
 
 
