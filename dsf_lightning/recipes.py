@@ -149,8 +149,8 @@ Prune a CIFAR ResNet-20 with Double Sparse Factorization (or a baseline) and fin
 logging dense/*, pre_finetune/*, post_finetune/* (val_acc, val_acc5, val_loss) to W&B.
 
 --dataset digits (the default) is an offline stand-in that needs no download: scikit-learn's
-1,797 real 8x8 digits, upsampled to 3x32x32, stratified 80/20 split (seeded). --dataset cifar10
-reads --data-dir/cifar-10-batches-py (or fetches it with --download).""",
+1,797 real 8x8 digits, upsampled to 3x32x32 (--image-size), stratified 80/20 split (seeded).
+--dataset cifar10 reads --data-dir/cifar-10-batches-py (or fetches it with --download).""",
         epilog="example: python recipes/resnet20_cifar10.py --dataset cifar10 --data-dir data --download "
                "--width 32 --method dsf --density 0.1 --devices 2")
     g = p.add_argument_group("model and data")
@@ -158,6 +158,8 @@ reads --data-dir/cifar-10-batches-py (or fetches it with --download).""",
                    help="digits: offline embedded default; cifar10: torchvision CIFAR-10")
     g.add_argument("--data-dir", default="data", help="CIFAR-10 root (holding cifar-10-batches-py)")
     g.add_argument("--download", action="store_true", help="download CIFAR-10 into --data-dir if missing")
+    g.add_argument("--image-size", type=int, default=32,
+                   help="digits only: side the 8x8 digits are upsampled to (CIFAR-10 images are 32x32)")
     g.add_argument("--width", type=int, choices=(16, 32), default=16,
                    help="ResNet-20 base width (16: original network; 32: the paper's wider one)")
     g = p.add_argument_group("dense training")
@@ -450,12 +452,17 @@ def run_resnet20(args: argparse.Namespace) -> dict[str, Any]:
     _check_common(args)
     if args.dense_ckpt is None and args.dense_epochs < 1:
         raise ValueError("--dense-epochs must be >= 1 (or pass --dense-ckpt)")
+    if args.dataset == "cifar10" and args.image_size != 32:
+        raise ValueError(f"--image-size {args.image_size} applies to --dataset digits only; CIFAR-10 images are 32x32")
+    if args.image_size < 8:
+        raise ValueError(f"--image-size must be >= 8 (the digits are 8x8), got {args.image_size}")
     # (1) inputs: data, method and options, dense weights -- all before any training
     if args.dataset == "cifar10":
         dm = CIFAR10DataModule(args.data_dir, download=args.download, batch_size=args.batch_size,
                                num_workers=args.num_workers)
     else:
-        dm = DigitsDataModule(batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed)
+        dm = DigitsDataModule(batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,
+                              image_size=args.image_size)
     callback = build_prune_callback(args)
     model, dataset = f"resnet20-{args.width}", args.dataset
     out = _output_dir(args, model, dataset)

@@ -239,6 +239,13 @@ def test_unknown_method_and_bad_options(tmp_path, no_training, capsys):
     assert "no_such_option" in capsys.readouterr().err
 
 
+def test_image_size_is_checked_before_training(no_training, capsys):
+    assert resnet20_main(["--dataset", "cifar10", "--image-size", "16"]) == 2
+    assert "--image-size 16 applies to --dataset digits only" in capsys.readouterr().err
+    assert resnet20_main(["--image-size", "4"]) == 2
+    assert "--image-size must be >= 8" in capsys.readouterr().err
+
+
 def test_imagenet_weights_without_network_say_what_to_do(tmp_path, no_training, monkeypatch):
     import torchvision
 
