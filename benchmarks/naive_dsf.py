@@ -18,12 +18,10 @@ each mask step thresholds ``|X + U|`` by a full ``sort``. Same hyperparameters a
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from dsf_lightning.factorization.dsf import square_factor_nnz
+from dsf_lightning.factorization.dsf import nnz_budget, square_factor_nnz
 
 EPS = 1e-8
 
@@ -77,7 +75,7 @@ def naive_admm(xtx: Tensor, xty: Tensor, nnz: int, z: Tensor, u: Tensor, *, iter
 def square_nnz(density: float, out: int, fan_in: int) -> tuple[int, int]:
     """(nnz of the square factor, nnz of the other): the library's vision rule, so that both sides
     of the benchmark solve the same problem."""
-    budget = math.floor(density * out * fan_in)
+    budget = nnz_budget(density, out * fan_in)
     nnz_a = square_factor_nnz("vision", density, out, fan_in)
     return nnz_a, budget - nnz_a
 

@@ -20,17 +20,16 @@ import math
 import torch
 
 from dsf_lightning.factorization import factorize
-from dsf_lightning.factorization.dsf import nnz_budget
+from dsf_lightning.factorization.dsf import vision_square_share
 from dsf_lightning.models import resnet20
 from dsf_lightning.surgery import find_targets
 
 
 def share_for(rule: str | float, density: float, out: int, fan_in: int) -> float:
     """The square factor's own density under ``rule`` (``"old"`` or a budget fraction)."""
-    r = min(out, fan_in)
     if rule == "old":
         return max(0.05, density / 2)
-    return min(1.0, float(rule) * nnz_budget(density, out * fan_in) / (r * r))
+    return vision_square_share(density, out, fan_in, float(rule))
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ beat magnitude pruning on a random matrix. A stronger weight decay moves the wei
 BatchNorm network away from their init in few steps (it raises the effective learning rate), giving
 layers that prune like trained ones (magnitude loses ~37-39% at 10%, in the range of torchvision's
 ResNet-50). 16x16 inputs keep the 8x8 digits' information and make 30 epochs fit.
+
 The LLM layer-wise comparison on SmolLM2-135M is ``python -m dsf_lightning.llm_demo``.
 """
 

@@ -32,6 +32,7 @@ __all__ = [
     "square_factor_nnz",
     "sylvester_solve",
     "validate_problem",
+    "vision_square_share",
 ]
 
 Preset = Literal["vision", "llm"]
@@ -138,6 +139,13 @@ def validate_problem(
     return budget
 
 
+def vision_square_share(density: float, out: int, fan_in: int, fraction: float = VISION_SQUARE_FRACTION) -> float:
+    """The ``"vision"`` preset's square-factor density: ``fraction`` of the ``(out, fan_in)``
+    layer's budget spread over the ``(r, r)`` factor, capped at 1 (a dense square factor)."""
+    r = min(out, fan_in)
+    return min(1.0, fraction * nnz_budget(density, out * fan_in) / (r * r))
+
+
 def square_factor_nnz(
     square_share: float | Preset, density: float, out: int, fan_in: int, name: str | None = None
 ) -> int:
@@ -159,7 +167,7 @@ def square_factor_nnz(
     if square_share == "llm":
         share = 0.16 if out == fan_in else 0.25
     elif square_share == "vision":
-        share = min(1.0, VISION_SQUARE_FRACTION * nnz_budget(density, out * fan_in) / (r * r))
+        share = vision_square_share(density, out, fan_in)
     elif isinstance(square_share, (int, float)) and not isinstance(square_share, bool) and 0 < square_share <= 1:
         share = float(square_share)
     else:
