@@ -9,10 +9,10 @@ import torch
 
 from dsf_lightning import double_sparse_factorize, factorize, reconstruction_error
 from dsf_lightning.factorization import (
-    FACTORIZERS,
+    METHODS,
     admm_masked_lstsq,
-    finalize_input_factor,
-    finalize_output_factor,
+    finalize_first,
+    finalize_second,
     nnz_budget,
     square_factor_nnz,
     sylvester_solve,
@@ -100,7 +100,7 @@ def test_input_factor_finalization_reaches_the_masked_optimum():
     idx = mask.flatten().nonzero().squeeze(1)
     exact = torch.zeros(r * fan_in, dtype=D64)
     exact[idx] = torch.linalg.solve(hess[idx][:, idx], grad[idx])
-    f = finalize_input_factor(w, g, torch.zeros(r, fan_in, dtype=D64), s, mask, iters=600, damping=0.0)
+    f = finalize_first(w, g, torch.zeros(r, fan_in, dtype=D64), s, mask, iters=600, damping=0.0)
     assert bool((f[~mask] == 0).all())
     assert torch.allclose(f.flatten(), exact, rtol=1e-5, atol=1e-7)
 
@@ -113,7 +113,7 @@ def test_output_factor_finalization_reaches_the_masked_optimum():
     f = torch.randn(r, fan_in, generator=gen, dtype=D64)
     mask = torch.rand(out, r, generator=gen) < 0.6
     exact = masked_lstsq_rows(f @ g @ f.T, f @ g @ w.T, mask.T).T
-    s = finalize_output_factor(w, g, f, torch.zeros(out, r, dtype=D64), mask, iters=600, damping=0.0)
+    s = finalize_second(w, g, f, torch.zeros(out, r, dtype=D64), mask, iters=600, damping=0.0)
     assert torch.allclose(s, exact, rtol=1e-5, atol=1e-7)
 
 
@@ -178,7 +178,7 @@ def test_budget_holds_with_a_gram_and_every_method():
     for shape in [(24, 40), (40, 24), (32, 32)]:
         w = torch.randn(*shape, generator=gen)
         g = spd(shape[1], gen).float()
-        for method in FACTORIZERS:
+        for method in METHODS:
             for density in (0.3, 0.6):
                 opts = {"outer_iters": 5} if method == "dsf" else {}
                 res = factorize(method, w, density, g, **opts)
@@ -231,7 +231,7 @@ def test_layerwise_dsf_beats_wanda_and_admm_with_correlated_inputs():
         errs["dsf"] = factorize("dsf", w, density, g, preset="llm").error
         assert errs["dsf"] < errs["admm"] < errs["wanda"], (density, errs)
     # the paper's LLM finalization (S only) still wins at high sparsity, by less
-    paper = factorize("dsf", w, 0.3, g, preset="llm", finalize=("output",)).error
+    paper = factorize("dsf", w, 0.3, g, preset="llm", finalize=("second",)).error
     assert errs["dsf"] < paper < errs["admm"]
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "EPS",
     "ADMMSolution",
     "admm_masked_lstsq",
     "cubic_sparsity",
@@ -27,7 +28,8 @@ __all__ = [
     "topk_mask",
 ]
 
-_EPS = 1e-8
+#: Guards divisions by input norms of dead inputs.
+EPS = 1e-8
 
 
 @dataclass
@@ -79,7 +81,7 @@ def damped(gram: Tensor, damping: float) -> Tensor:
     """``gram + damping * mean(diag(gram)) * I``: keeps rank-deficient Grams (dead inputs) solvable."""
     if damping <= 0:
         return gram
-    lam = damping * gram.diagonal().mean().clamp_min(_EPS)
+    lam = damping * gram.diagonal().mean().clamp_min(EPS)
     return gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
 
 
@@ -135,7 +137,7 @@ def admm_masked_lstsq(
     rho0 = rho if rho0 is None else rho0
 
     # Precondition: unit diagonal, X scaled up by the input norms (Boža 2024).
-    norm = gram.diagonal().sqrt() + _EPS
+    norm = gram.diagonal().sqrt() + EPS
     gram_n = damped(gram / norm[:, None] / norm[None, :], damping)
     rhs_n = rhs / norm[:, None]
     scale = norm[:, None]
