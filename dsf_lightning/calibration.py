@@ -18,7 +18,6 @@ computed in float32 from the float32-cast input.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,33 +25,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GramAccumulator", "InputGramRecorder", "conv2d_patches"]
+from dsf_lightning.layers import PAD_MODES, explicit_padding, fan_in, pair
+from dsf_lightning.modules import ConvGeometry, MaskedLayer
 
-_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+__all__ = ["GramAccumulator", "InputGramRecorder", "conv2d_patches", "is_conv"]
 
-
-def _conv2d_explicit_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
-    """``(left, right, top, bottom)`` padding of ``conv``, as torch applies it.
-
-    ``"same"``: per spatial dim ``total = dilation * (k - 1)``, ``left = total // 2``,
-    ``right = total - left`` (asymmetric for even effective kernels); ``"valid"``: 0.
-    """
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return (0, 0, 0, 0)
-        if conv.padding != "same":
-            raise ValueError(f"unknown string padding {conv.padding!r}")
-        pads = []
-        for d, k in zip(conv.dilation, conv.kernel_size):
-            total = d * (k - 1)
-            pads.append((total // 2, total - total // 2))
-        (top, bottom), (left, right) = pads
-        return (left, right, top, bottom)
-    ph, pw = conv.padding
-    return (pw, pw, ph, ph)
+ConvLike = nn.Conv2d | ConvGeometry
 
 
-def conv2d_patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
+def is_conv(module: nn.Module) -> bool:
+    """Whether ``module``'s input Gram is over im2col rows: ``nn.Conv2d`` or a pruned conv."""
+    return isinstance(module, (nn.Conv2d, ConvGeometry))
+
+
+def conv2d_patches(x: Tensor, conv: ConvLike) -> Tensor:
     """im2col rows of a Conv2d input: ``x (N, in, H, W) -> (N*L, in*kh*kw)``.
 
     ``L = H_out * W_out``; row ``n*L + l`` is the receptive field of output position ``l``
@@ -60,8 +46,9 @@ def conv2d_patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
     Honours stride, dilation, numeric or ``"same"``/``"valid"`` padding and every
     ``padding_mode`` (non-zero modes and asymmetric ``"same"`` are padded with ``F.pad``
     first, then unfolded with padding 0). An unbatched ``(in, H, W)`` input is one image.
+    ``conv`` is an ``nn.Conv2d`` or a pruned conv (same geometry attributes).
     """
-    if not isinstance(conv, nn.Conv2d):
+    if not is_conv(conv):
         raise ValueError(f"conv2d_patches expects nn.Conv2d, got {type(conv).__name__}")
     if conv.groups != 1:
         raise ValueError(
@@ -73,16 +60,16 @@ def conv2d_patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
         raise ValueError(
             f"conv2d_patches: expected input (N, {conv.in_channels}, H, W), got shape {tuple(x.shape)}"
         )
-    left, right, top, bottom = _conv2d_explicit_padding(conv)
+    left, right, top, bottom = explicit_padding(conv)
     if conv.padding_mode == "zeros" and left == right and top == bottom:
         padding: tuple[int, int] = (top, left)
     else:
-        if conv.padding_mode not in _PAD_MODES:
+        if conv.padding_mode not in PAD_MODES:
             raise ValueError(f"conv2d_patches: unknown padding_mode {conv.padding_mode!r}")
         if left or right or top or bottom:
-            x = F.pad(x, (left, right, top, bottom), mode=_PAD_MODES[conv.padding_mode])
+            x = F.pad(x, (left, right, top, bottom), mode=PAD_MODES[conv.padding_mode])
         padding = (0, 0)
-    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+    cols = F.unfold(x, pair(conv.kernel_size), dilation=pair(conv.dilation), padding=padding, stride=pair(conv.stride))
     # (N, in*kh*kw, L) -> (N*L, in*kh*kw)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
@@ -142,16 +129,16 @@ class GramAccumulator:
             )
         self.add(x.reshape(-1, self.fan_in))
 
-    def add_conv2d_input(self, x: Tensor, conv: nn.Conv2d, max_patch_elements: int = 1 << 24) -> None:
+    def add_conv2d_input(self, x: Tensor, conv: ConvLike, max_patch_elements: int = 1 << 24) -> None:
         """Add a Conv2d input ``(N, in, H, W)`` as im2col rows, a few images at a time.
 
         Images are processed in chunks so that one chunk's patch matrix holds at most
         ``max_patch_elements`` entries (at least one image per chunk).
         """
-        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-        if fan_in != self.fan_in:
+        conv_fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        if conv_fan_in != self.fan_in:
             raise ValueError(
-                f"GramAccumulator.add_conv2d_input: conv fan_in {fan_in} "
+                f"GramAccumulator.add_conv2d_input: conv fan_in {conv_fan_in} "
                 f"(in={conv.in_channels}, kernel={tuple(conv.kernel_size)}) != accumulator fan_in {self.fan_in}"
             )
         if x.dim() == 3:
@@ -209,26 +196,8 @@ class GramAccumulator:
         return f"GramAccumulator(fan_in={self.fan_in}, count={self.count}, device={self.device})"
 
 
-def _hf_conv1d_type() -> type | None:
-    """``transformers.pytorch_utils.Conv1D`` if transformers is already imported, else None."""
-    mod = sys.modules.get("transformers.pytorch_utils")
-    return getattr(mod, "Conv1D", None) if mod is not None else None
-
-
-def _fan_in(name: str, module: nn.Module) -> int:
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            raise ValueError(f"module {name!r}: grouped Conv2d (groups={module.groups}) is not supported")
-        return module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    conv1d = _hf_conv1d_type()
-    if conv1d is not None and isinstance(module, conv1d):
-        return module.weight.shape[0]  # HF Conv1D weight is (in, out)
-    raise ValueError(
-        f"module {name!r} of type {type(module).__name__} is not supported "
-        "(expected nn.Linear, nn.Conv2d or transformers Conv1D)"
-    )
+def _layer_fan_in(name: str, module: nn.Module) -> int:
+    return module.fan_in if isinstance(module, MaskedLayer) else fan_in(name, module)
 
 
 class InputGramRecorder:
@@ -240,7 +209,8 @@ class InputGramRecorder:
 
     One :class:`GramAccumulator` per module is fed by a forward pre-hook; hooks are removed
     on exit, also when the block raises. Modules: ``nn.Linear``, HF ``Conv1D`` (tokens =
-    all leading positions) and ``nn.Conv2d`` with ``groups == 1`` (tokens = im2col rows).
+    all leading positions), ``nn.Conv2d`` with ``groups == 1`` (tokens = im2col rows), and the
+    pruned layers of :mod:`dsf_lightning.modules` (the tokens of the layer they replace).
     """
 
     def __init__(
@@ -256,7 +226,7 @@ class InputGramRecorder:
         for name, module in self.modules.items():
             if id(module) not in owned:
                 raise ValueError(f"module {name!r} is not a submodule of the given model")
-            self.accumulators[name] = GramAccumulator(_fan_in(name, module), device=device)
+            self.accumulators[name] = GramAccumulator(_layer_fan_in(name, module), device=device)
         self._handles: list[Any] = []
 
     def _hook(self, name: str):
@@ -264,7 +234,7 @@ class InputGramRecorder:
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else next(iter(kwargs.values()))
-            if isinstance(module, nn.Conv2d):
+            if is_conv(module):
                 acc.add_conv2d_input(x, module)
             else:
                 acc.add_linear_input(x)

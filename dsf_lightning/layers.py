@@ -1,0 +1,115 @@
+"""Layer facts in one place: which layers can be pruned, their ``(out, fan_in)`` weight view and conv geometry.
+
+A prunable layer's weight as a matrix is ``W`` ``(out, fan_in)``: ``nn.Linear.weight``,
+``nn.Conv2d.weight.flatten(1)`` (``fan_in = in * kh * kw``, the order of ``F.unfold`` patches) and
+``Conv1D.weight.T`` for Hugging Face ``transformers.pytorch_utils.Conv1D`` (GPT-2), whose stored
+weight is ``(in, out)``. Grouped convolutions are not prunable here.
+
+Conv geometry functions read ``kernel_size``, ``stride``, ``padding``, ``dilation`` and
+``padding_mode`` attributes, so they serve ``nn.Conv2d`` and the pruned conv modules alike.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+__all__ = [
+    "SUPPORTED",
+    "LayerKind",
+    "dense_signature",
+    "explicit_padding",
+    "fan_in",
+    "hf_conv1d_type",
+    "layer_kind",
+    "pair",
+    "weight_matrix",
+]
+
+LayerKind = Literal["linear", "conv1d", "conv2d"]
+#: What :func:`layer_kind` accepts, for messages.
+SUPPORTED = "nn.Linear, nn.Conv2d (groups=1), transformers Conv1D"
+#: ``padding_mode`` of ``nn.Conv2d`` -> ``F.pad`` mode.
+PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+def hf_conv1d_type() -> type | None:
+    """``transformers.pytorch_utils.Conv1D`` if transformers is already imported (never imports it)."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None) if mod is not None else None
+
+
+def layer_kind(m: nn.Module) -> LayerKind | None:
+    """The kind of a dense prunable layer, or ``None`` for anything else (pruned modules included).
+
+    A grouped ``nn.Conv2d`` is ``"conv2d"`` too; :func:`fan_in` and the target rules refuse it.
+    """
+    if isinstance(m, nn.Conv2d):
+        return "conv2d"
+    if isinstance(m, nn.Linear):
+        return "linear"
+    conv1d = hf_conv1d_type()
+    if conv1d is not None and isinstance(m, conv1d):
+        return "conv1d"
+    return None
+
+
+def weight_matrix(layer: nn.Module) -> Tensor:
+    """``(out, fan_in)`` view of a dense layer's weight (detached, original dtype and device)."""
+    kind = layer_kind(layer)
+    if kind is None:
+        raise ValueError(f"{type(layer).__name__} is not a prunable layer ({SUPPORTED})")
+    w = layer.weight.detach()
+    return w.flatten(1) if kind == "conv2d" else w.T if kind == "conv1d" else w
+
+
+def fan_in(name: str, module: nn.Module) -> int:
+    """Inputs per output of a dense prunable layer (``in * kh * kw`` for convs), else ``ValueError``."""
+    kind = layer_kind(module)
+    if kind == "conv2d":
+        if module.groups != 1:
+            raise ValueError(f"layer {name!r}: grouped Conv2d (groups={module.groups}) is not supported")
+        return module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+    if kind == "linear":
+        return module.in_features
+    if kind == "conv1d":
+        return module.weight.shape[0]
+    raise ValueError(f"layer {name!r} of type {type(module).__name__} is not supported (expected {SUPPORTED})")
+
+
+def pair(v: Any) -> tuple[int, int] | str:
+    """``nn.Conv2d``'s normal form of a spatial argument: ``3 -> (3, 3)``; strings (``"same"``) stay."""
+    return v if isinstance(v, str) else (int(v), int(v)) if isinstance(v, int) else tuple(int(i) for i in v)
+
+
+def explicit_padding(conv: Any) -> tuple[int, int, int, int]:
+    """``(left, right, top, bottom)`` padding of a conv, as torch applies it.
+
+    ``"same"``: per spatial dim ``total = dilation * (k - 1)``, ``left = total // 2``,
+    ``right = total - left`` (asymmetric for even effective kernels); ``"valid"``: 0.
+    """
+    padding = conv.padding
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"unknown string padding {padding!r} (expected 'same' or 'valid')")
+        (th, tw) = [d * (k - 1) if padding == "same" else 0 for d, k in zip(pair(conv.dilation), pair(conv.kernel_size))]
+        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    ph, pw = pair(padding)
+    return (pw, pw, ph, ph)
+
+
+def dense_signature(layer: nn.Module) -> tuple[Literal["linear", "conv2d"], dict[str, Any]] | None:
+    """What a pruned replacement must agree with: ``("linear", in/out/bias)`` for Linear and Conv1D,
+    ``("conv2d", channels, geometry, bias)`` for Conv2d; ``None`` for anything else."""
+    kind = layer_kind(layer)
+    if kind == "conv2d":
+        return "conv2d", dict(in_channels=layer.in_channels, out_channels=layer.out_channels,
+                              kernel_size=pair(layer.kernel_size), stride=pair(layer.stride),
+                              padding=pair(layer.padding), dilation=pair(layer.dilation),
+                              padding_mode=layer.padding_mode, bias=layer.bias is not None, groups=layer.groups)
+    if kind is not None:
+        out, in_ = weight_matrix(layer).shape
+        return "linear", dict(in_features=in_, out_features=out, bias=layer.bias is not None)
+    return None
