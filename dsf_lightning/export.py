@@ -13,7 +13,7 @@ Three exits from a pruned model (one holding :mod:`dsf_lightning.modules` layers
   matrices (:class:`CSRDSFLinear` with two, :class:`CSRLinear` with one), the setting of the
   paper's appendix A.3 CPU benchmark.
 
-Packed file layout (``format = "dsf-packed"``, ``version = "1"`` in the metadata):
+Packed file layout (``format = "dsf-packed"``, ``version = "2"`` in the metadata):
 
 * ``<name>.<param>.values``: ``param[mask]`` (row-major mask order) in the chosen ``dtype``, for
   every masked parameter (``first``/``second`` of DSF layers, ``weight`` of Sparse layers);
@@ -24,8 +24,8 @@ Packed file layout (``format = "dsf-packed"``, ``version = "1"`` in the metadata
   chosen ``dtype`` too -- the whole checkpoint is a 16-bit model, as in the paper's size
   accounting -- and integer/bool tensors (``num_batches_tracked``) keep their dtype.
   ``dtype=None`` keeps every tensor's own dtype (lossless for float32 models);
-* metadata ``structure``: JSON list of ``{"name", "class", "spec", "params": {param: shape}}``
-  per pruned module, ``spec`` being the module's constructor kwargs (``module.spec()``).
+* metadata ``structure``: the model's structure spec as JSON
+  (:func:`~dsf_lightning.structure.structure_spec`), which rebuilds every pruned module empty.
 
 Loading casts every value to the dtype of the receiving model, so the round trip is bit-exact
 when the model's values are representable in the stored dtype and equals rounding otherwise.
@@ -37,9 +37,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import safe_open
@@ -47,8 +45,8 @@ from safetensors.torch import save as st_save_bytes
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from dsf_lightning import modules as _modules
-from dsf_lightning.modules import PRUNED_MODULE_TYPES, DSFLinear, SparseLinear
+from dsf_lightning.modules import DSFLinear, MaskedLayer, SparseLinear
+from dsf_lightning.structure import pruned_modules, replace_module, structure_applied, structure_spec
 
 __all__ = [
     "CSRDSFLinear",
@@ -60,16 +58,14 @@ __all__ = [
     "pack_bits",
     "pack_model",
     "packed_size_bytes",
-    "pruned_modules",
     "save_packed",
     "to_csr",
     "unpack_bits",
 ]
 
 PACKED_FORMAT = "dsf-packed"
-PACKED_VERSION = "1"
+PACKED_VERSION = "2"
 _BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
-_CLASSES: dict[str, type[nn.Module]] = {cls.__name__: cls for cls in PRUNED_MODULE_TYPES}
 
 
 # --------------------------------------------------------------------------------------------- bits
@@ -102,20 +98,7 @@ def unpack_bits(bits: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
 
 # ------------------------------------------------------------------------------------ model helpers
 
-def pruned_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(name, module)`` of every :data:`~dsf_lightning.modules.PRUNED_MODULE_TYPES` layer in ``model``."""
-    for name, m in model.named_modules():
-        if isinstance(m, PRUNED_MODULE_TYPES):
-            yield name, m
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    if not name:
-        raise ValueError("cannot replace the root module itself")
-    model.set_submodule(name, new)
-
-
-def _masked_names(m: nn.Module) -> list[str]:
+def _masked_names(m: MaskedLayer) -> list[str]:
     """Attribute names of ``m``'s masked parameters, in :meth:`masked_parameters` order."""
     names = {id(p): n for n, p in m.named_parameters(recurse=False)}
     return [names[id(p)] for p, _ in m.masked_parameters()]
@@ -179,17 +162,13 @@ def pack_model(model: nn.Module, dtype: torch.dtype | None = torch.float16
     cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype) if t.is_floating_point() else t)  # noqa: E731
     state = model.state_dict()
     tensors: dict[str, Tensor] = {}
-    structure: list[dict[str, Any]] = []
     for name, m in pruned_modules(model):
         p = _prefix(name)
-        shapes: dict[str, list[int]] = {}
         for pname, (param, mask) in zip(_masked_names(m), m.masked_parameters()):
             tensors[f"{p}{pname}.values"] = cast(param.detach()[mask]).cpu().contiguous()
             tensors[f"{p}{pname}.mask"] = pack_bits(mask)
-            shapes[pname] = list(param.shape)
             state.pop(p + pname, None)
             state.pop(p + _mask_buffer_name(pname), None)
-        structure.append(dict(name=name, **{"class": type(m).__name__}, spec=_json_spec(m.spec()), params=shapes))
     for k, v in state.items():
         tensors[k] = cast(v.detach()).cpu().contiguous()
     # safetensors refuses tensors sharing storage (tied weights); copies are fine for a file.
@@ -200,12 +179,8 @@ def pack_model(model: nn.Module, dtype: torch.dtype | None = torch.float16
             tensors[k] = v.clone()
         seen.add(ptr)
     metadata = {"format": PACKED_FORMAT, "version": PACKED_VERSION, "dtype": _dtype_name(dtype),
-                "structure": json.dumps(structure)}
+                "structure": json.dumps(structure_spec(model))}
     return tensors, metadata
-
-
-def _json_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
 
 
 def save_packed(model: nn.Module, path: str | Path, dtype: torch.dtype | None = torch.float16) -> int:
@@ -228,111 +203,48 @@ def _read_packed(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def _check_dense_layer(model: nn.Module, name: str, cls_name: str, spec: dict[str, Any]) -> nn.Module:
-    """The layer at ``name``, checked to be the dense layer (or same pruned layer) the spec replaces."""
-    try:
-        layer = model.get_submodule(name)
-    except AttributeError:
-        raise ValueError(f"load_packed: the model has no layer {name!r} (the file prunes it as {cls_name})") from None
-    cls = _CLASSES[cls_name]
-    if isinstance(layer, PRUNED_MODULE_TYPES):
-        shape_of = lambda d: {k: v for k, v in d.items() if k != "forward_mode"}  # noqa: E731 (a runtime choice)
-        if type(layer) is not cls or shape_of(_json_spec(layer.spec())) != shape_of(spec):
-            raise ValueError(f"load_packed: layer {name!r} is already a {type(layer).__name__} "
-                             f"{layer.spec()}, the file has {cls_name} {spec}")
-        return layer
-    if cls_name.endswith("Conv2d"):
-        if not isinstance(layer, nn.Conv2d):
-            raise ValueError(f"load_packed: layer {name!r} is a {type(layer).__name__}, the file prunes an "
-                             f"nn.Conv2d into {cls_name}")
-        got = dict(in_channels=layer.in_channels, out_channels=layer.out_channels, kernel_size=list(layer.kernel_size),
-                   bias=layer.bias is not None, groups=layer.groups)
-        want = dict(in_channels=spec["in_channels"], out_channels=spec["out_channels"],
-                    kernel_size=list(spec["kernel_size"]), bias=spec["bias"], groups=1)
-        geometry_ok = (list(layer.stride) == list(spec["stride"]) and list(layer.dilation) == list(spec["dilation"])
-                       and layer.padding_mode == spec["padding_mode"]
-                       and (list(layer.padding) if not isinstance(layer.padding, str) else layer.padding)
-                       == spec["padding"])
-        if got != want or not geometry_ok:
-            raise ValueError(f"load_packed: layer {name!r} has shape/geometry {got} (stride={layer.stride}, "
-                             f"padding={layer.padding}), the file has {cls_name} {spec}")
-        return layer
-    try:
-        w = _modules._linear_weight(layer, cls_name)
-    except ValueError:
-        raise ValueError(f"load_packed: layer {name!r} is a {type(layer).__name__}, the file prunes a Linear "
-                         f"into {cls_name}") from None
-    got = dict(out_features=w.shape[0], in_features=w.shape[1], bias=getattr(layer, "bias", None) is not None)
-    want = dict(out_features=spec["out_features"], in_features=spec["in_features"], bias=spec["bias"])
-    if got != want:
-        raise ValueError(f"load_packed: layer {name!r} has {got}, the file has {cls_name} {want}")
-    return layer
-
-
 @torch.no_grad()
 def load_packed(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a :func:`save_packed` file into ``model``, a fresh dense instance of the same architecture.
 
-    Each layer the file prunes is replaced by an empty pruned module built from the stored spec
-    (after checking that the dense layer at that name exists with the same type, shape, bias and
-    geometry -- or is already the same pruned module -- else ``ValueError`` naming the layer) and
-    filled with the unpacked values and masks; every other tensor loads as in
-    ``load_state_dict(strict=True)``. Values are cast to the receiving model's dtypes and devices.
-    Returns ``model`` (modified in place).
+    The stored structure spec is applied first (:func:`~dsf_lightning.structure.apply_structure_spec`:
+    every pruned layer must be the matching dense layer, or already that pruned module, else
+    ``ValueError`` naming the layer), the pruned modules are filled with the unpacked values and masks,
+    and every other tensor loads as in ``load_state_dict(strict=True)``. Values are cast to the receiving
+    model's dtypes and devices. On any mismatch the model keeps its original modules. Returns ``model``.
     """
     tensors, metadata = _read_packed(path)
     if metadata.get("format") != PACKED_FORMAT:
         raise ValueError(f"load_packed: {path} is not a {PACKED_FORMAT!r} file (metadata format="
                          f"{metadata.get('format')!r})")
     if metadata.get("version") != PACKED_VERSION:
-        raise ValueError(f"load_packed: unsupported packed version {metadata.get('version')!r}")
-    structure = json.loads(metadata["structure"])
-    # Check everything before touching the model.
-    layers = {}
-    for entry in structure:
-        name, cls_name, spec = entry["name"], entry["class"], entry["spec"]
-        if cls_name not in _CLASSES:
-            raise ValueError(f"load_packed: layer {name!r} has unknown pruned class {cls_name!r}")
-        layers[name] = _check_dense_layer(model, name, cls_name, spec)
-    for entry in structure:
-        name, cls_name, spec = entry["name"], entry["class"], entry["spec"]
-        layer = layers[name]
-        if isinstance(layer, PRUNED_MODULE_TYPES):
-            new = layer
-        else:
-            ref = layer.weight
-            kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
-            new = _CLASSES[cls_name](**kwargs, device=ref.device, dtype=ref.dtype)
-        p = _prefix(name)
-        for pname, shape in entry["params"].items():
-            param = getattr(new, pname)
-            mask_buf = getattr(new, _mask_buffer_name(pname))
-            if list(param.shape) != list(shape):
-                raise ValueError(f"load_packed: layer {name!r} parameter {pname} has shape {tuple(param.shape)}, "
-                                 f"the file has {tuple(shape)}")
-            mask = unpack_bits(tensors.pop(f"{p}{pname}.mask"), shape)
-            values = tensors.pop(f"{p}{pname}.values")
-            if values.numel() != int(mask.sum()):
-                raise ValueError(f"load_packed: layer {name!r} parameter {pname}: {values.numel()} values for "
-                                 f"{int(mask.sum())} mask bits")
-            mask = mask.to(mask_buf.device)
-            param.zero_()
-            param[mask] = values.to(device=param.device, dtype=param.dtype)
-            mask_buf.copy_(mask)
-        if new is not layer:
-            _replace(model, name, new)
-    own = model.state_dict()
-    expected = set(own)
-    for entry in structure:
-        p = _prefix(entry["name"])
-        for pname in entry["params"]:
-            expected.discard(p + pname)
-            expected.discard(p + _mask_buffer_name(pname))
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or unexpected:
-        raise ValueError(f"load_packed: state mismatch: missing {missing[:10]}, unexpected {unexpected[:10]}")
-    for k in expected:
-        own[k].copy_(tensors[k].to(device=own[k].device, dtype=own[k].dtype))
+        raise ValueError(f"load_packed: {path} has packed version {metadata.get('version')!r}, this dsf-lightning "
+                         f"reads version {PACKED_VERSION}; export it again with save_packed")
+    spec = json.loads(metadata["structure"])
+    with structure_applied(model, spec):
+        expected = set(model.state_dict())
+        for e in spec["modules"]:
+            name = e["name"]
+            m, p = model.get_submodule(name), _prefix(name)
+            for pname, (param, mask_buf) in zip(_masked_names(m), m.masked_parameters()):
+                bits, values = tensors.pop(f"{p}{pname}.mask", None), tensors.pop(f"{p}{pname}.values", None)
+                if bits is None or values is None:
+                    raise ValueError(f"load_packed: layer {name!r} has no stored values/mask for {pname}")
+                mask = unpack_bits(bits, param.shape)
+                if values.numel() != int(mask.sum()):
+                    raise ValueError(f"load_packed: layer {name!r} parameter {pname}: {values.numel()} values for "
+                                     f"{int(mask.sum())} mask bits")
+                mask = mask.to(mask_buf.device)
+                param.zero_()
+                param[mask] = values.to(device=param.device, dtype=param.dtype)
+                mask_buf.copy_(mask)
+                expected -= {p + pname, p + _mask_buffer_name(pname)}
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        if missing or unexpected:
+            raise ValueError(f"load_packed: state mismatch: missing {missing[:10]}, unexpected {unexpected[:10]}")
+        own = model.state_dict()
+        for k in expected:
+            own[k].copy_(tensors[k].to(device=own[k].device, dtype=own[k].dtype))
     return model
 
 
@@ -436,7 +348,7 @@ def to_csr(model: nn.Module) -> nn.Module:
         return CSRLinear.from_module(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, DSFLinear):
-            _replace(model, name, CSRDSFLinear.from_module(m))
+            replace_module(model, name, CSRDSFLinear.from_module(m))
         elif isinstance(m, SparseLinear):
-            _replace(model, name, CSRLinear.from_module(m))
+            replace_module(model, name, CSRLinear.from_module(m))
     return model

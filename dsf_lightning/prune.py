@@ -1,0 +1,338 @@
+"""One-shot pruning of a model: plan, calibrate, solve each layer, put the pruned modules in place.
+
+>>> report = prune(model, 0.3, "dsf", calibration=loader)             # plain PyTorch entry point
+>>> report = prune(model, PruneConfig(density=0.3, exclude=["fc"]))    # the same, from a config
+
+The steps are separate so that the Lightning callback and distributed runs reuse them:
+
+1. :func:`plan_prune` -- every check that needs the model (targets, per-layer budgets), before any
+   data is touched;
+2. :func:`build_structure` (optional) -- put the pruned modules in place first, holding the dense
+   weights exactly, so optimizers and checkpoints see the final structure before any factorization;
+3. :func:`record_grams` -- mean input Grams of every target over the calibration batches;
+4. :func:`layer_jobs` + an *executor* -- solve every layer (here, one after the other; or split across
+   processes, :mod:`dsf_lightning.distributed`);
+5. :func:`install` -- fill the pruned modules (or replace the dense layers) and describe each one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from dsf_lightning.calibration import InputGramRecorder
+from dsf_lightning.config import Family, PruneConfig
+from dsf_lightning.factorization import Factorization, factorize, get_method, nnz_budget
+from dsf_lightning.layers import SUPPORTED, layer_kind, weight_matrix
+from dsf_lightning.modules import MaskedLayer, is_pruned_module, pruned_module
+from dsf_lightning.report import LayerRecord, PruneReport
+from dsf_lightning.structure import PRUNE_INFO_ATTR, replace_module
+from dsf_lightning.targets import detect_family, find_targets
+
+__all__ = [
+    "Executor",
+    "LayerJob",
+    "LayerResult",
+    "PrunePlan",
+    "build_structure",
+    "default_forward",
+    "install",
+    "layer_jobs",
+    "plan_prune",
+    "prune",
+    "record_grams",
+    "solve_serially",
+]
+
+
+@dataclass
+class PrunePlan:
+    """What :func:`plan_prune` resolved, before any work: the targets in module order (and the class of the
+    dense layer each replaces), skipped layers with reasons, the density of every target and the method's
+    options for this model."""
+
+    config: PruneConfig
+    family: Family
+    targets: dict[str, nn.Module]
+    layer_types: dict[str, str]
+    skipped: dict[str, str]
+    densities: dict[str, float]
+    options: dict[str, Any]
+
+
+def target_matrix(layer: nn.Module) -> Tensor:
+    """``(out, fan_in)`` weight a target holds: a dense layer's, or the product of a pruned one."""
+    return layer.merged_weight().flatten(1) if is_pruned_module(layer) else weight_matrix(layer)
+
+
+def plan_prune(model: nn.Module, config: PruneConfig, *, with_calibration: bool | None = None) -> PrunePlan:
+    """Every check :func:`prune` makes before it touches data or the model, as a :class:`PrunePlan`.
+
+    ``with_calibration``: whether Grams will be given (default: ``config.calibrated``); a method
+    that needs them raises otherwise. Raises ``ValueError`` naming the layer.
+    """
+    method = get_method(config.method)
+    calibrated = config.calibrated if with_calibration is None else with_calibration
+    if method.needs_gram and not calibrated:
+        raise ValueError(f"method {config.method!r} needs calibration data: pass calibration=<iterable of batches>")
+    family = config.family or detect_family(model)
+    options = config.method_options(family)
+    targets, skipped = find_targets(model, include=config.include, exclude=config.exclude, family=family)
+    if not targets:
+        supported = sum(layer_kind(m) is not None for m in model.modules())
+        raise ValueError(
+            f"no layer to prune in {type(model).__name__}: searched {supported} supported layers ({SUPPORTED}) "
+            f"with family={family!r}, include={config.include!r}, exclude={config.exclude!r}; skipped: "
+            f"{dict(list(skipped.items())[:5])}")
+    densities = {n: config.density for n in targets}
+    for n, d in config.densities.items():
+        if n not in targets:
+            close = difflib.get_close_matches(str(n), list(targets), n=5, cutoff=0.5)
+            why = f" (skipped: {skipped[n]})" if n in skipped else ""
+            raise ValueError(f"densities names {n!r}, which is not a target layer{why}; "
+                             f"close target names: {close or sorted(targets)[:5]}")
+        densities[n] = d
+    for n, layer in targets.items():
+        out, fan_in = target_matrix(layer).shape
+        method.check_layer(out, fan_in, densities[n], options, n)
+    return PrunePlan(config=config, family=family, targets=targets,
+                     layer_types={n: type(m).__name__ for n, m in targets.items()}, skipped=skipped,
+                     densities=densities, options=options)
+
+
+@torch.no_grad()
+def build_structure(model: nn.Module, plan: PrunePlan) -> PrunePlan:
+    """Replace every target by its pruned module holding the dense weight exactly (full masks), in place.
+
+    The model computes the same function until :func:`install` fills the modules; optimizers and DDP
+    created in between hold the final parameters. Returns the plan with the new modules as targets.
+    """
+    targets = {}
+    for name, layer in plan.targets.items():
+        new = pruned_module(layer, plan.config.two_factor, forward_mode=plan.config.forward_mode)
+        replace_module(model, name, new)
+        targets[name] = new
+    return dataclasses.replace(plan, targets=targets)
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """Calibration forward used when none is given: moves tensors to the model's device, then
+    ``model(**batch)`` for a mapping (HF tokenizer output), ``model(batch[0])`` for a tuple/list (an
+    ``(inputs, targets)`` pair from a DataLoader), ``model(batch)`` otherwise."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    p = next(model.parameters(), None)
+    if p is not None:
+        batch = move_data_to_device(batch, p.device)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    return model(batch)
+
+
+def record_grams(model: nn.Module, targets: Mapping[str, nn.Module], batches: Iterable,
+                 forward: Callable[[nn.Module, Any], Any] | None = None, *,
+                 limit: int | None = None) -> InputGramRecorder:
+    """Input Grams of every target over ``batches`` (at most ``limit``), in eval mode without grad; every
+    module's training flag is restored afterwards. Returns the recorder (``grams``, ``counts``,
+    ``accumulators``); a target that saw no input is a ``ValueError``."""
+    forward = forward or default_forward
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    seen = 0
+    try:
+        with torch.no_grad(), InputGramRecorder(model, targets) as rec:
+            for batch in islice(batches, limit):
+                forward(model, batch)
+                seen += 1
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    unseen = [n for n, c in rec.counts.items() if c == 0]
+    if unseen:
+        raise ValueError(f"layer(s) {unseen[:5]} saw no calibration input in {seen} batch(es) (is the calibration "
+                         f"data empty, or does the forward skip them?); exclude them or fix the forward")
+    return rec
+
+
+@dataclass
+class LayerJob:
+    """One layer's factorization problem, as an executor receives it.
+
+    ``weight`` is the ``(out, fan_in)`` float32 matrix on the layer's device, ``gram`` the mean input
+    Gram (float32, same device) or ``None`` (data-free). :meth:`run` solves it; ``cost`` is a relative
+    work estimate (``out * fan_in * min(out, fan_in)``) for balancing jobs across workers.
+    """
+
+    name: str
+    method: str
+    weight: Tensor
+    density: float
+    gram: Tensor | None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cost(self) -> int:
+        out, fan_in = self.weight.shape
+        return out * fan_in * min(out, fan_in)
+
+    def run(self) -> LayerResult:
+        """Factorize with ``method`` and with magnitude pruning (the error baseline), timed."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            fact = factorize(self.method, self.weight, self.density, self.gram, name=self.name, **self.options)
+            mag = fact if self.method == "magnitude" else factorize("magnitude", self.weight, self.density,
+                                                                    self.gram, name=self.name)
+        return LayerResult(fact, mag.error, mag.relative_error, time.perf_counter() - t0)
+
+
+@dataclass
+class LayerResult:
+    """A solved :class:`LayerJob`: the factorization, magnitude pruning's error (absolute and relative) at
+    the same density, the seconds it took, and the process that solved it (``None``: this one)."""
+
+    factorization: Factorization
+    magnitude_error: float
+    magnitude_relative_error: float
+    seconds: float
+    rank: int | None = None
+
+
+#: ``executor(jobs) -> {name: LayerResult}``: solves every job (e.g. split across ranks and broadcast).
+Executor = Callable[[Sequence[LayerJob]], Mapping[str, LayerResult]]
+
+
+def layer_jobs(plan: PrunePlan, grams: Mapping[str, Tensor] | None = None) -> list[LayerJob]:
+    """One :class:`LayerJob` per target, in module order: float32 weights and Grams on the layer's device
+    (the math is not stable in half precision; the modules copy the factors back into their dtype)."""
+    grams = grams or {}
+    missing = [n for n in plan.targets if plan.config.calibrated and n not in grams]
+    if missing:
+        raise ValueError(f"no Gram for target layer(s) {missing[:5]}")
+    jobs = []
+    for name, layer in plan.targets.items():
+        w32 = target_matrix(layer).float()
+        g = grams.get(name)
+        jobs.append(LayerJob(name, plan.config.method, w32, plan.densities[name],
+                             None if g is None else g.to(device=w32.device, dtype=torch.float32), dict(plan.options)))
+    return jobs
+
+
+def solve_serially(jobs: Sequence[LayerJob], progress: bool = True) -> dict[str, LayerResult]:
+    """Solve ``jobs`` one after the other in this process, with a progress bar over layers."""
+    results = {}
+    bar = tqdm(jobs, desc=f"prune {jobs[0].method if jobs else ''}", unit="layer", disable=not progress)
+    for job in bar:
+        bar.set_postfix_str(job.name, refresh=False)
+        results[job.name] = job.run()
+    bar.close()
+    return results
+
+
+@torch.no_grad()
+def install(model: nn.Module, plan: PrunePlan, results: Mapping[str, LayerResult]) -> list[LayerRecord]:
+    """Put every solved layer in place, in module order, and describe it: a pruned module built by
+    :func:`build_structure` is filled in place (its parameters stay the same objects); a dense layer is
+    replaced by a new pruned module."""
+    cfg = plan.config
+    records = []
+    for name, layer in plan.targets.items():
+        t0 = time.perf_counter()
+        result = results[name]
+        fact = result.factorization
+        out, fan_in = target_matrix(layer).shape
+        if isinstance(layer, MaskedLayer):
+            new = layer.load_factorization_(fact)
+        else:
+            new = pruned_module(layer, cfg.two_factor, fact, forward_mode=cfg.forward_mode)
+            replace_module(model, name, new)
+        if cfg.balance_norms and fact.second is not None:
+            new.balance_norms_()
+        density = plan.densities[name]
+        setattr(new, PRUNE_INFO_ATTR, {"method": cfg.method, "density": density})
+        nnz = [int(mask.sum()) for _, mask in new.masked_parameters()]
+        records.append(LayerRecord(
+            name=name, layer_type=plan.layer_types[name], shape=(out, fan_in), method=cfg.method,
+            density=density, nnz=sum(nnz), budget=nnz_budget(density, out * fan_in), error=fact.error,
+            relative_error=fact.relative_error, magnitude_relative_error=result.magnitude_relative_error,
+            error_vs_magnitude=fact.error / result.magnitude_error if result.magnitude_error > 0 else math.nan,
+            seconds=result.seconds + time.perf_counter() - t0, pruned_type=type(new).__name__,
+            first_nnz=nnz[0], second_nnz=nnz[1] if len(nnz) > 1 else None, rank=result.rank))
+    return records
+
+
+def prune(
+    model: nn.Module,
+    config: PruneConfig | float,
+    method: str | None = None,
+    *,
+    calibration: Iterable | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    grams: Mapping[str, Tensor] | None = None,
+    executor: Executor | None = None,
+    progress: bool = True,
+    **config_fields: Any,
+) -> PruneReport:
+    """One-shot prune ``model`` in place: every target layer becomes a masked pruned module.
+
+    Args:
+        model: any ``nn.Module`` (torchvision/timm CNNs and ViTs, HF causal LMs, ...).
+        config: a :class:`~dsf_lightning.config.PruneConfig`, or its ``density``: then ``method`` (default
+            ``"dsf"``) and any other ``PruneConfig`` field as keyword arguments (``include``, ``exclude``,
+            ``family``, ``densities``, ``factorization_options``, ``forward_mode``, ...).
+        calibration: batches for layer-wise pruning (all of them, or ``config.calibration_batches``);
+            input Grams of all targets are recorded in one pass (eval mode, no grad). ``None``:
+            data-free projection (``G = I``).
+        forward: ``forward(model, batch)`` running one batch; default :func:`default_forward`.
+        grams: precomputed mean input Grams ``{target name: (fan_in, fan_in)}`` instead of ``calibration``
+            (e.g. recorded per rank and all-reduced); must cover every target.
+        executor: solves all :class:`LayerJob` s at once (e.g. split across ranks); default: one after the
+            other, here, with a progress bar (``progress``).
+
+    Returns:
+        :class:`~dsf_lightning.report.PruneReport`. The structure is readable with
+        :func:`~dsf_lightning.structure.structure_spec`.
+
+    Raises:
+        ValueError: bad arguments, no targets, an already pruned layer, a method needing calibration
+            without it, a density too small for some layer: all before the model changes.
+    """
+    if calibration is not None and grams is not None:
+        raise ValueError("pass either calibration or grams, not both")
+    given = calibration is not None or grams is not None
+    if isinstance(config, PruneConfig):
+        if method is not None or config_fields:
+            raise ValueError("pass either a PruneConfig or density/method/keyword fields, not both")
+    else:
+        config_fields.setdefault("calibration_batches", None if given else 0)
+        config = PruneConfig(density=config, method=method or "dsf", **config_fields)
+    if given != config.calibrated:
+        raise ValueError(f"calibration_batches={config.calibration_batches} but calibration data was "
+                         f"{'given' if given else 'not given'}: 0 means data-free, None or N > 0 layer-wise")
+    plan = plan_prune(model, config)
+    start = time.perf_counter()
+    counts: dict[str, int] = {}
+    if calibration is not None:
+        rec = record_grams(model, plan.targets, calibration, forward, limit=config.calibration_batches)
+        grams, counts = rec.grams, rec.counts
+    jobs = layer_jobs(plan, grams)
+    try:
+        results = executor(jobs) if executor is not None else solve_serially(jobs, progress)
+    finally:
+        jobs.clear()  # the float32 copies of the weights
+    report = PruneReport(method=config.method, family=plan.family, density=config.density, skipped=plan.skipped,
+                         calibration_tokens=counts)
+    report.layers = install(model, plan, results)
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,264 @@
+"""The pruned structure of a model: its spec, rebuilding it in a dense model, save/load, merge back.
+
+A *structure spec* is the one JSON-serializable description of which layers are pruned and how::
+
+    {"format": "dsf-lightning/structure", "version": 1,
+     "modules": [{"name", "class", "kwargs", "method", "density"}, ...]}
+
+``kwargs`` rebuild an empty pruned module (``cls(**kwargs)``); ``method`` and ``density`` are what the
+prune asked for. Checkpoints (:func:`save_pruned`, the callback's ``checkpoint["dsf_structure"]``) and
+the packed export carry it, so a fresh dense model can take a pruned state dict:
+
+>>> save_pruned(model, "pruned.pt")                              # state dict + structure spec
+>>> fresh = load_pruned(build_dense_model(), "pruned.pt")         # same function, bit for bit
+>>> merge(fresh)                                                  # plain nn.Linear / nn.Conv2d again
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dsf_lightning.layers import dense_signature, layer_kind, pair
+from dsf_lightning.modules import PRUNED_MODULE_TYPES, ConvGeometry, MaskedLayer, is_pruned_module
+
+__all__ = [
+    "CHECKPOINT_KEY",
+    "PRUNE_INFO_ATTR",
+    "PrunedCheckpointMixin",
+    "apply_structure_spec",
+    "check_state_dict",
+    "load_pruned",
+    "merge",
+    "pruned_modules",
+    "replace_module",
+    "save_pruned",
+    "structure_applied",
+    "structure_spec",
+]
+
+SPEC_FORMAT = "dsf-lightning/structure"
+SPEC_VERSION = 1
+#: Where Lightning checkpoints of pruned runs hold the structure spec.
+CHECKPOINT_KEY = "dsf_structure"
+#: Per-module attribute holding ``{"method", "density"}`` of a pruned module. It lives on the module
+#: (not on the model) so the spec stays right when the model is wrapped (e.g. in a LightningModule)
+#: and names gain a prefix.
+PRUNE_INFO_ATTR = "_dsf_prune_info"
+_CLASSES: dict[str, type[MaskedLayer]] = {cls.__name__: cls for cls in PRUNED_MODULE_TYPES}
+
+
+def pruned_modules(model: nn.Module) -> list[tuple[str, MaskedLayer]]:
+    """``(name, module)`` of every pruned layer of ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if is_pruned_module(m)]
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at the dotted ``name`` (``"layer1.0.conv1"``, ``"model.layers.3.mlp.up_proj"``;
+    ModuleList/Sequential indices included) and return the module it replaces."""
+    if not name:
+        raise ValueError("cannot replace the root module; pass a submodule name")
+    try:
+        old = model.get_submodule(name)
+    except AttributeError as e:
+        raise ValueError(f"no module named {name!r} in {type(model).__name__}") from e
+    model.set_submodule(name, new)
+    return old
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    return v
+
+
+def _entry(name: str, m: MaskedLayer) -> dict[str, Any]:
+    info = getattr(m, PRUNE_INFO_ATTR, None) or {"method": None, "density": float(m.density)}
+    return {"name": name, "class": type(m).__name__, "kwargs": _jsonable(m.spec()),
+            "method": info["method"], "density": info["density"]}
+
+
+def structure_spec(model: nn.Module) -> dict[str, Any]:
+    """JSON-serializable description of every pruned module of ``model`` (module docstring); ``density``
+    is the requested one, or the achieved one for a module no prune made."""
+    return {"format": SPEC_FORMAT, "version": SPEC_VERSION,
+            "modules": [_entry(n, m) for n, m in pruned_modules(model)]}
+
+
+def _spec_signature(cls: type[MaskedLayer], kwargs: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The :func:`~dsf_lightning.layers.dense_signature` of the dense layer a spec entry replaces."""
+    if issubclass(cls, ConvGeometry):
+        return "conv2d", dict(in_channels=kwargs["in_channels"], out_channels=kwargs["out_channels"],
+                              kernel_size=pair(kwargs["kernel_size"]), stride=pair(kwargs.get("stride", 1)),
+                              padding=pair(kwargs.get("padding", 0)), dilation=pair(kwargs.get("dilation", 1)),
+                              padding_mode=kwargs.get("padding_mode", "zeros"), bias=kwargs.get("bias", True),
+                              groups=1)
+    return "linear", dict(in_features=kwargs["in_features"], out_features=kwargs["out_features"],
+                          bias=kwargs.get("bias", True))
+
+
+def _fmt(sig: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sig.items())
+
+
+def _check_spec(spec: Any) -> list[dict[str, Any]]:
+    if not isinstance(spec, Mapping) or spec.get("format") != SPEC_FORMAT or "modules" not in spec:
+        raise ValueError(f"not a dsf-lightning structure spec (expected a dict with format={SPEC_FORMAT!r} "
+                         f"and 'modules'), got {type(spec).__name__}")
+    if spec.get("version") != SPEC_VERSION:
+        raise ValueError(f"structure spec version {spec.get('version')!r} is not supported (expected {SPEC_VERSION})")
+    return list(spec["modules"])
+
+
+def _same_kwargs(m: MaskedLayer, kwargs: Mapping[str, Any]) -> bool:
+    runtime = {"forward_mode"}  # a runtime choice, not structure
+    mine = {k: v for k, v in _jsonable(m.spec()).items() if k not in runtime}
+    return mine == {k: v for k, v in _jsonable(dict(kwargs)).items() if k not in runtime}
+
+
+def _plan_entry(modules: Mapping[str, nn.Module], e: Mapping[str, Any]) -> nn.Module | None:
+    """The empty pruned module entry ``e`` puts in place, or ``None`` when the layer already is that
+    module; ``ValueError`` naming the layer when the model does not fit the entry."""
+    name, cls_name = e.get("name"), e.get("class")
+    cls = _CLASSES.get(cls_name)
+    if cls is None:
+        raise ValueError(f"layer {name!r}: unknown pruned module class {cls_name!r} (known: {sorted(_CLASSES)})")
+    layer = modules.get(name) if name else None
+    if layer is None:
+        close = difflib.get_close_matches(str(name), [n for n, m in modules.items() if layer_kind(m)], n=3)
+        raise ValueError(f"layer {name!r} of the structure spec is not in the model"
+                         f"{f'; close names: {close}' if close else ''}")
+    if is_pruned_module(layer):
+        if type(layer) is cls and _same_kwargs(layer, e["kwargs"]):
+            return None
+        raise ValueError(f"layer {name!r} is already a {type(layer).__name__} {layer.spec()}, the structure spec "
+                         f"has {cls_name} {e['kwargs']}; apply the spec to a dense model")
+    try:
+        expected_kind, expected = _spec_signature(cls, e["kwargs"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"layer {name!r}: malformed structure spec entry {e!r}") from err
+    found = dense_signature(layer)
+    if found != (expected_kind, expected):
+        found_s = f"{type(layer).__name__}({_fmt(found[1])})" if found else type(layer).__name__
+        raise ValueError(f"layer {name!r} does not match the structure spec: expected a dense {expected_kind} "
+                         f"({_fmt(expected)}) for {cls_name}, found {found_s}")
+    w = layer.weight
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in e["kwargs"].items()}
+    new = cls(**kwargs, device=w.device, dtype=w.dtype)
+    new.train(layer.training)
+    new.requires_grad_(w.requires_grad)
+    setattr(new, PRUNE_INFO_ATTR, {"method": e.get("method"), "density": e.get("density")})
+    return new
+
+
+@contextlib.contextmanager
+def structure_applied(model: nn.Module, spec: Mapping[str, Any]) -> Iterator[nn.Module]:
+    """:func:`apply_structure_spec` for the ``with`` block, undone if the block raises (the model then
+    holds its original modules again): for loaders that fill the new modules and may find a mismatch."""
+    modules = dict(model.named_modules())
+    # check every entry before replacing anything: a bad spec leaves the model as it was
+    plan = [(e["name"], new) for e in _check_spec(spec) if (new := _plan_entry(modules, e)) is not None]
+    replaced = [(name, replace_module(model, name, new)) for name, new in plan]
+    try:
+        yield model
+    except BaseException:
+        for name, old in reversed(replaced):
+            replace_module(model, name, old)
+        raise
+
+
+def apply_structure_spec(model: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
+    """Rebuild the pruned structure of ``spec`` in ``model`` (in place; returns it).
+
+    Every entry's name must hold a dense layer of the matching shape (``nn.Linear``/``Conv1D`` for
+    ``DSFLinear``/``SparseLinear``, ``nn.Conv2d`` with the same geometry for the conv classes), which is
+    replaced by an empty pruned module of the spec's shape on that layer's device and dtype, ready for
+    ``load_state_dict``; or already hold exactly that pruned module, which stays. Otherwise
+    ``ValueError`` naming the layer (expected vs found), before anything is replaced.
+    """
+    _apply(model, spec)
+    return model
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> None:
+    """Strict key and shape check with an error naming the layers, before ``load_state_dict`` (which
+    would copy the matching tensors before raising)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state_dict.items()
+              if k in own and isinstance(v, Tensor) and v.shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label} ({len(xs)}): {xs[:5]}" for label, xs in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if xs]
+        raise ValueError(f"checkpoint does not fit {type(model).__name__}: " + "; ".join(parts))
+
+
+def save_pruned(model: nn.Module, path: str | os.PathLike) -> None:
+    """``torch.save({"state_dict": model.state_dict(), "dsf_structure": structure_spec(model)}, path)``."""
+    torch.save({"state_dict": model.state_dict(), CHECKPOINT_KEY: structure_spec(model)}, path)
+
+
+def load_pruned(model: nn.Module, source: str | os.PathLike | Mapping[str, Any],
+                spec: Mapping[str, Any] | None = None) -> nn.Module:
+    """Load a pruned checkpoint into ``model`` (dense, or already of the same pruned structure).
+
+    Args:
+        source: a path written by :func:`save_pruned`, the dict it holds
+            (``{"state_dict", "dsf_structure"}``), or a bare state dict together with ``spec``.
+        spec: the structure spec; default: the checkpoint's ``"dsf_structure"``.
+
+    The structure is applied (:func:`apply_structure_spec`), then the state dict is loaded strictly.
+    Any mismatch raises ``ValueError`` naming the layer(s)/keys and leaves ``model`` as it was.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        source = torch.load(source, map_location="cpu", weights_only=True)
+    if not isinstance(source, Mapping):
+        raise ValueError(f"load_pruned expects a path or a mapping, got {type(source).__name__}")
+    if "state_dict" in source and CHECKPOINT_KEY in source:
+        state_dict, spec = source["state_dict"], spec if spec is not None else source[CHECKPOINT_KEY]
+    else:
+        state_dict = source
+    if spec is None:
+        raise ValueError("no structure spec: pass spec=structure_spec(pruned_model), or a checkpoint from save_pruned")
+    with structure_applied(model, spec):  # undone on a mismatch: the caller's model stays as it was
+        check_state_dict(model, state_dict)
+        model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Replace every pruned module by a plain ``nn.Linear``/``nn.Conv2d`` holding its dense product
+    (``to_dense``; a layer that was an HF ``Conv1D`` becomes the equivalent ``nn.Linear``). In place;
+    returns ``model`` (or the dense layer when ``model`` itself is a pruned module)."""
+    for name, m in pruned_modules(model):
+        dense = m.to_dense()
+        dense.requires_grad_(all(p.requires_grad for p in m.parameters()))
+        if not name:  # the model itself is a pruned layer: nothing to put it into
+            return dense
+        replace_module(model, name, dense)
+    return model
+
+
+class PrunedCheckpointMixin:
+    """LightningModule mixin: ``load_from_checkpoint`` and resuming rebuild the pruned structure.
+
+    Lightning calls ``on_load_checkpoint`` before it loads the state dict; this applies the
+    checkpoint's ``"dsf_structure"`` there (:func:`apply_structure_spec`; a module already holding that
+    structure is left as it is), so ``MyModule.load_from_checkpoint(path)`` returns the pruned model.
+    Put it before ``LightningModule`` in the bases: ``class MyModule(PrunedCheckpointMixin, LightningModule)``.
+    """
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        spec = checkpoint.get(CHECKPOINT_KEY)
+        if spec is not None:
+            apply_structure_spec(self, spec)  # type: ignore[arg-type]
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
