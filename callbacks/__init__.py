@@ -1,10 +1,13 @@
 """Lightning callbacks for DSF pruning, installed as ``dsf_lightning.callbacks``.
 
-* :class:`DSFPruneCallback`: one-shot prune in ``setup(stage="fit")``, log dense / pre- and
-  post-fine-tuning validation metrics, rebuild the pruned structure on resume, DDP-aware.
+* :class:`DSFPruneCallback`: one-shot prune when ``fit`` starts, log dense / pre- and post-fine-tuning
+  validation metrics, resume pruned runs without refactorizing, DDP-aware.
 * :func:`load_pruned_checkpoint`: load a pruned run's Lightning checkpoint for inference.
+* :func:`evaluate_module` (:mod:`~dsf_lightning.callbacks.evaluation`): a module's validation metrics
+  outside Lightning's loops.
 """
 
-from dsf_lightning.callbacks.dsf_prune import DSFPruneCallback, balance_layers, evaluate_module, load_pruned_checkpoint
+from dsf_lightning.callbacks.dsf_prune import DSFPruneCallback, load_pruned_checkpoint
+from dsf_lightning.callbacks.evaluation import evaluate_module
 
-__all__ = ["DSFPruneCallback", "balance_layers", "evaluate_module", "load_pruned_checkpoint"]
+__all__ = ["DSFPruneCallback", "evaluate_module", "load_pruned_checkpoint"]

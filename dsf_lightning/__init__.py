@@ -1,16 +1,21 @@
 """dsf-lightning: one-shot pruning with Double Sparse Factorization, fine-tuned with Lightning.
 
-``W (out, fan_in) ~= S (out, r) @ F (r, fan_in)`` with ``nnz(S) + nnz(F) <= floor(density * W.numel())``
-(Boža & Macko, ICLR 2025). Layers: :mod:`~dsf_lightning.factorization` (pure tensor math),
-:mod:`~dsf_lightning.calibration` (input Grams), :mod:`~dsf_lightning.modules` (masked
-two-factor layers), :mod:`~dsf_lightning.surgery` (targets, prune, merge, structure specs) and
-:mod:`~dsf_lightning.export` (packed storage, CSR inference).
+``W (out, fan_in) ~= second (out, r) @ first (r, fan_in)`` with
+``nnz(second) + nnz(first) <= floor(density * W.numel())`` (Boža & Macko, ICLR 2025). The package's
+layout and data flow are in docs/ARCHITECTURE.md. Importing it does not import Lightning: the
+callback names below are loaded on first use.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from dsf_lightning.calibration import GramAccumulator, InputGramRecorder, conv2d_patches
+from dsf_lightning.config import PruneConfig
 from dsf_lightning.export import load_packed, merged_state_dict, save_packed, to_csr
 from dsf_lightning.factorization import (
-    FACTORIZERS,
+    METHODS,
     Factorization,
     admm_masked_lstsq,
     double_sparse_factorize,
@@ -24,35 +29,45 @@ from dsf_lightning.modules import (
     SparseConv2d,
     SparseLinear,
     is_pruned_module,
+    pruned_module,
     pruned_module_from_factorization,
 )
-from dsf_lightning.surgery import (
-    LayerRecord,
-    PruneReport,
+from dsf_lightning.prune import plan_prune, prune
+from dsf_lightning.report import LayerRecord, PruneReport
+from dsf_lightning.structure import (
+    PrunedCheckpointMixin,
     apply_structure_spec,
-    find_targets,
     load_pruned,
     merge,
-    prune,
     replace_module,
     save_pruned,
     structure_spec,
 )
+from dsf_lightning.targets import find_targets
 
-# last: the callback package imports the modules above
-from dsf_lightning.callbacks import DSFPruneCallback, load_pruned_checkpoint  # noqa: E402
+#: Names that need Lightning, imported on first access.
+_LAZY = {"DSFPruneCallback": "dsf_lightning.callbacks", "load_pruned_checkpoint": "dsf_lightning.callbacks"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dsf_lightning' has no attribute {name!r}")
+
 
 __all__ = [
+    "METHODS",
+    "PRUNED_MODULE_TYPES",
     "DSFConv2d",
-    "DSFPruneCallback",
     "DSFLinear",
-    "FACTORIZERS",
+    "DSFPruneCallback",
     "Factorization",
     "GramAccumulator",
     "InputGramRecorder",
     "LayerRecord",
-    "PRUNED_MODULE_TYPES",
+    "PruneConfig",
     "PruneReport",
+    "PrunedCheckpointMixin",
     "SparseConv2d",
     "SparseLinear",
     "admm_masked_lstsq",
@@ -67,7 +82,9 @@ __all__ = [
     "load_pruned_checkpoint",
     "merge",
     "merged_state_dict",
+    "plan_prune",
     "prune",
+    "pruned_module",
     "pruned_module_from_factorization",
     "reconstruction_error",
     "replace_module",

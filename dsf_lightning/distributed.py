@@ -1,0 +1,127 @@
+"""Pruning across processes: all-reduced Grams, layers split across ranks by cost, factors broadcast.
+
+Every rank records Grams on its own shard of the calibration data; :func:`all_reduce_grams` sums them
+as count-weighted sums, so every rank holds the Grams of all the data. :func:`distributed_executor`
+splits the layer jobs across ranks (:func:`balance_layers`, greedy by ``out * fan_in * min(out, fan_in)``),
+every rank solves its share, and each result is broadcast from its owner (:func:`broadcast_result`), so
+every rank builds bit-identical modules.
+
+Plain ``torch.distributed`` collectives on the default process group: the same code serves Lightning
+strategies (DDP, one process per device) and ``torchrun`` scripts. Nothing here runs without an
+initialized process group of more than one process (:func:`world`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from dsf_lightning.calibration import GramAccumulator
+from dsf_lightning.factorization import Factorization
+from dsf_lightning.prune import Executor, LayerJob, LayerResult
+
+__all__ = ["all_reduce_grams", "balance_layers", "broadcast_result", "distributed_executor", "world"]
+
+_FACTOR_FIELDS = ("first", "first_mask", "second", "second_mask")
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def comm_device(device: torch.device | None = None) -> torch.device:
+    """Where collectives of the default group run: the CPU for gloo; for NCCL ``device`` if it is a CUDA
+    device, else the current CUDA device."""
+    if dist.get_backend() != "nccl":
+        return torch.device("cpu")
+    return device if device is not None and device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+
+
+def all_reduce_grams(accumulators: Mapping[str, GramAccumulator], device: torch.device) -> dict[str, GramAccumulator]:
+    """The accumulators of all ranks merged (count-weighted): every rank gets the same Grams.
+
+    Names are reduced in the order of ``accumulators``, which must be the same on every rank."""
+    comm = comm_device(device)
+    merged = {}
+    for name, acc in accumulators.items():
+        total, count = acc.to_sum()
+        total = total.to(comm)
+        n = torch.tensor([count], dtype=torch.float64, device=comm)
+        dist.all_reduce(total)
+        dist.all_reduce(n)
+        merged[name] = GramAccumulator.from_sum(total, int(n.item()), device=device)
+    return merged
+
+
+def balance_layers(costs: Sequence[int], world_size: int) -> list[int]:
+    """Owner rank of each job: greedy longest-processing-time (largest cost first to the least
+    loaded rank; ties to the lower rank), deterministic so every rank computes the same split."""
+    load = [0] * world_size
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        owners[i] = r
+        load[r] += costs[i]
+    return owners
+
+
+def broadcast_result(result: LayerResult | None, src: int, device: torch.device) -> LayerResult:
+    """``src``'s :class:`~dsf_lightning.prune.LayerResult` on every rank: metadata as an object, tensors by
+    ``dist.broadcast`` (bool masks as uint8), bit for bit. ``result`` is only read on ``src``."""
+    rank, _ = world()
+    comm = comm_device(device)
+    if rank == src:
+        f = result.factorization
+        tensors = {n: getattr(f, n) for n in _FACTOR_FIELDS}
+        meta = {"shapes": {n: None if t is None else (tuple(t.shape), str(t.dtype)) for n, t in tensors.items()},
+                "method": f.method, "error": f.error, "relative_error": f.relative_error,
+                "info": {k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in f.info.items()},
+                "magnitude": (result.magnitude_error, result.magnitude_relative_error), "seconds": result.seconds}
+    box = [meta if rank == src else None]
+    dist.broadcast_object_list(box, src=src, device=comm if comm.type != "cpu" else None)
+    meta = box[0]
+    out: dict[str, Tensor | None] = {}
+    for n in _FACTOR_FIELDS:
+        if meta["shapes"][n] is None:
+            out[n] = None
+            continue
+        shape, dtype_s = meta["shapes"][n]
+        dtype = getattr(torch, dtype_s.removeprefix("torch."))
+        wire = torch.uint8 if dtype == torch.bool else dtype
+        if rank == src:
+            t = tensors[n].detach().to(device=comm, dtype=wire).contiguous()
+        else:
+            t = torch.empty(shape, dtype=wire, device=comm)
+        dist.broadcast(t, src=src)
+        out[n] = t.to(device=device, dtype=dtype)
+    if rank == src:  # the owner keeps its own tensors: identical values, no copy needed
+        fact = result.factorization
+    else:
+        fact = Factorization(**out, method=meta["method"], error=meta["error"],
+                             relative_error=meta["relative_error"], info=meta["info"])
+    mag, mag_rel = meta["magnitude"]
+    return LayerResult(fact, mag, mag_rel, meta["seconds"], rank=src)
+
+
+def distributed_executor(progress: bool = True) -> Executor:
+    """An executor for :func:`~dsf_lightning.prune.prune` that splits the jobs across the ranks of the
+    default process group and broadcasts every result to every rank (progress bar on rank zero)."""
+    rank, world_size = world()
+
+    def run(jobs: Sequence[LayerJob]) -> dict[str, LayerResult]:
+        owners = balance_layers([j.cost for j in jobs], world_size)
+        mine = [j for j, o in zip(jobs, owners) if o == rank]
+        solved: dict[str, LayerResult] = {}
+        for job in tqdm(mine, desc=f"prune {jobs[0].method if jobs else ''} (rank {rank}: {len(mine)}/{len(jobs)} "
+                        f"layers)", unit="layer", disable=not (progress and rank == 0)):
+            solved[job.name] = job.run()
+        return {j.name: broadcast_result(solved.get(j.name), o, j.weight.device) for j, o in zip(jobs, owners)}
+
+    return run
