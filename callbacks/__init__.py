@@ -7,7 +7,8 @@
   outside Lightning's loops.
 """
 
-from dsf_lightning.callbacks.dsf_prune import DSFPruneCallback, load_pruned_checkpoint
+from dsf_lightning.callbacks.checkpoint import load_pruned_checkpoint
+from dsf_lightning.callbacks.dsf_prune import DSFPruneCallback
 from dsf_lightning.callbacks.evaluation import evaluate_module
 
 __all__ = ["DSFPruneCallback", "evaluate_module", "load_pruned_checkpoint"]

@@ -3,13 +3,11 @@
 >>> trainer = Trainer(callbacks=[DSFPruneCallback(density=0.1)], logger=WandbLogger())
 >>> trainer.fit(module, datamodule)        # prune, evaluate, fine-tune, evaluate
 
-Lightning 2.x runs, for ``fit``: callback/module ``setup`` -> ``configure_model`` -> restore from
-``ckpt_path`` (module ``on_load_checkpoint``, ``load_state_dict``, callback state) -> ``strategy.setup``
-(device move, DDP wrap, optimizers) -> ``on_fit_start`` -> train. The structure of a pruned layer depends
-only on the dense layer and the method, so the callback splits the prune in two:
+The structure of a pruned layer depends only on the dense layer and the method, so the prune is split
+between two hooks (why, and Lightning's hook order: docs/ARCHITECTURE.md):
 
 * ``setup(stage="fit")``: checks the config against the model and swaps every target for its pruned
-  module holding the dense weight exactly (:func:`~dsf_lightning.prune.build_structure`): the model
+  module holding the dense weight exactly (:func:`~dsf_lightning.pruning.build_structure`): the model
   computes the same function, and the restore, DDP and the optimizers all see the final parameters.
 * ``on_fit_start``: on a fresh run, evaluates the dense model (``dense/``), records calibration Grams,
   factorizes (split across ranks under DDP) and fills the pruned modules in place, then evaluates
@@ -18,19 +16,15 @@ only on the dense layer and the method, so the callback splits the prune in two:
   structure: nothing is factorized again.
 * ``on_train_end``: evaluates the fine-tuned model (``post_finetune/``).
 * ``on_save_checkpoint``: stores the structure spec in ``checkpoint["dsf_structure"]`` for inference
-  loading (:func:`load_pruned_checkpoint`).
+  loading (:func:`~dsf_lightning.callbacks.checkpoint.load_pruned_checkpoint`).
 
-Strategies that restore after ``on_fit_start`` (``strategy.restore_checkpoint_after_setup``) factorize
-on resume too and then load the checkpoint's weights over the result: correct, not cheaper.
 Metric names are the module's own validation names with a prefix, logged through ``trainer.loggers`` on
 rank zero (W&B, CSV, TensorBoard alike); W&B also gets the per-layer table ``dsf/layers``.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import warnings
+import time
 from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
 from typing import Any
@@ -45,10 +39,11 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 from typing_extensions import override
 
+from dsf_lightning.callbacks.batchnorm import recalibrate_batchnorm
 from dsf_lightning.callbacks.evaluation import evaluate_module
-from dsf_lightning.config import PruneConfig
+from dsf_lightning.config import PruneConfig, check_count
 from dsf_lightning.distributed import all_reduce_grams, distributed_executor, world
-from dsf_lightning.prune import (
+from dsf_lightning.pruning import (
     PrunePlan,
     build_structure,
     default_forward,
@@ -57,13 +52,12 @@ from dsf_lightning.prune import (
     plan_prune,
     record_grams,
     solve_serially,
+    unbuild_structure,
 )
 from dsf_lightning.report import PruneReport
-from dsf_lightning.structure import CHECKPOINT_KEY, PrunedCheckpointMixin, load_pruned, structure_spec
+from dsf_lightning.structure import CHECKPOINT_KEY, structure_spec
 
-__all__ = ["DSFPruneCallback", "load_pruned_checkpoint"]
-
-log = logging.getLogger(__name__)
+__all__ = ["DSFPruneCallback"]
 
 Forward = Callable[[pl.LightningModule, Any], Any]
 
@@ -83,7 +77,7 @@ class DSFPruneCallback(Callback):
             dataloader. Under DDP a loader without a ``DistributedSampler`` is sharded by batch index.
         calibration_forward: ``forward(pl_module, batch)`` running one (device-moved) batch for
             calibration and BatchNorm recalibration; default
-            :func:`~dsf_lightning.prune.default_forward`.
+            :func:`~dsf_lightning.pruning.default_forward`.
         bn_recalibration_batches: ``n > 0``: after the pre-fine-tuning evaluation, re-estimate every
             BatchNorm's running statistics over ``n`` train batches (``torch.optim.swa_utils.update_bn``),
             then evaluate again as ``bn_recalibrated/<metric>``.
@@ -116,9 +110,7 @@ class DSFPruneCallback(Callback):
             config = PruneConfig(density=density, method=method, **prune_fields)
         elif density is not None or prune_fields or method != "dsf":
             raise ValueError("pass either config=PruneConfig(...) or density/method/prune fields, not both")
-        if isinstance(bn_recalibration_batches, bool) or not isinstance(bn_recalibration_batches, int) \
-                or bn_recalibration_batches < 0:
-            raise ValueError(f"bn_recalibration_batches must be an int >= 0, got {bn_recalibration_batches!r}")
+        check_count(bn_recalibration_batches, "bn_recalibration_batches")
         if calibration_loader is not None and not config.calibrated:
             raise ValueError("calibration_loader is given but calibration_batches=0 (data-free); "
                              "set calibration_batches > 0 to use it")
@@ -138,16 +130,13 @@ class DSFPruneCallback(Callback):
         self.factorization_runs = 0
         self.resumed = False
         self._plan: PrunePlan | None = None
-        self._pruned = False
+        self._pruned = self._filling = False
         self._restore_check: Any = None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(method=self.config.method, density=self.config.density)
 
-    # ------------------------------------------------------------------------------------------
-    # hooks
-    # ------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """``stage="fit"``: check the config against the model and put the pruned structure in place."""
@@ -158,8 +147,10 @@ class DSFPruneCallback(Callback):
         if unsupported:
             rank_zero_warn(f"DSFPruneCallback: skipping {len(unsupported)} unsupported layer(s) matched by the "
                            f"targets: {unsupported}")
-        if self.config.calibrated and self.calibration_loader is None:
-            self._train_loader(trainer)  # no train data: fail now, before the model changes
+        if self.config.calibrated:  # no calibration data: fail now, before the model changes
+            loader = self.calibration_loader if self.calibration_loader is not None else self._train_loader(trainer)
+            if hasattr(loader, "__len__") and len(loader) == 0:
+                raise ValueError("DSFPruneCallback: the calibration data is empty")
         self._plan = build_structure(pl_module, plan)
         self._restore_check = pl_module.register_load_state_dict_pre_hook(self._check_restored_state)
 
@@ -174,9 +165,15 @@ class DSFPruneCallback(Callback):
             rank_zero_info(f"DSFPruneCallback: resumed {len(self._plan.targets)} pruned layers from the checkpoint "
                            f"(no factorization)")
             return
-        if self.log_dense and self.evaluate:
-            self._log_eval(trainer, pl_module, "dense")
-        self._prune(trainer, pl_module)
+        try:
+            if self.log_dense and self.evaluate:
+                self._log_eval(trainer, pl_module, "dense")
+            self._prune(trainer, pl_module)
+        except BaseException:
+            if not self._filling:  # e.g. a calibration forward that skips a layer: leave the model as it was
+                unbuild_structure(pl_module, self._plan)
+                self._plan = None
+            raise
         if self.evaluate:
             self._log_eval(trainer, pl_module, "pre_finetune")
         if self.bn_recalibration_batches > 0:
@@ -212,12 +209,10 @@ class DSFPruneCallback(Callback):
         self.resumed = bool(state_dict.get("pruned"))
         self._restored_state = dict(state_dict)
 
-    # ------------------------------------------------------------------------------------------
-    # pruning
-    # ------------------------------------------------------------------------------------------
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         plan, cfg = self._plan, self.config
         rank, world_size = world()
+        start = time.perf_counter()
         with isolate_rng():
             torch.manual_seed(cfg.seed)
             grams, counts = None, {}
@@ -231,8 +226,9 @@ class DSFPruneCallback(Callback):
             jobs.clear()
             report = PruneReport(method=cfg.method, family=plan.family, density=cfg.density, skipped=plan.skipped,
                                  calibration_tokens=counts)
+            self._filling = True  # from here on the modules hold factors: no way back to the dense layers
             report.layers = install(pl_module, plan, results)
-        report.seconds = sum(r.seconds for r in report.layers if r.rank in (None, rank))
+        report.seconds = time.perf_counter() - start
         self.owned_layers = [r.name for r in report.layers if r.rank in (None, rank)]
         self.factorization_runs += 1
         self.report = report
@@ -288,9 +284,6 @@ class DSFPruneCallback(Callback):
             self._restore_check.remove()
             self._restore_check = None
 
-    # ------------------------------------------------------------------------------------------
-    # evaluation, BN recalibration, reporting
-    # ------------------------------------------------------------------------------------------
     def _log_eval(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prefix: str) -> dict[str, float]:
         metrics = evaluate_module(trainer, pl_module)
         if not metrics:
@@ -303,21 +296,15 @@ class DSFPruneCallback(Callback):
         return out
 
     def _recalibrate_bn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Reset and re-estimate BatchNorm statistics (cumulative average) with ``update_bn``, running
-        batches through ``calibration_forward``; every module's training flag is restored."""
-        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules()):
-            rank_zero_debug("DSFPruneCallback: no BatchNorm; nothing to recalibrate")
-            return
-        loader = self._train_loader(trainer)
-        modes = {m: m.training for m in pl_module.modules()}
-        runner = _ForwardModule(pl_module, lambda m, b: self.calibration_forward(m, trainer.strategy.batch_to_device(b)))
-        try:
-            with isolate_rng():
-                # update_bn feeds input[0] of each tuple to the model: wrap each batch in a 1-tuple
-                torch.optim.swa_utils.update_bn(((b,) for b in islice(loader, self.bn_recalibration_batches)), runner)
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
+        def forward(module: nn.Module, batch: Any) -> Any:
+            return self.calibration_forward(module, trainer.strategy.batch_to_device(batch))
+
+        def batches() -> Iterable:  # the train loader is only set up when there is a BatchNorm
+            yield from self._train_loader(trainer)
+
+        with isolate_rng():
+            if not recalibrate_batchnorm(pl_module, batches(), forward, self.bn_recalibration_batches):
+                rank_zero_debug("DSFPruneCallback: no BatchNorm; nothing to recalibrate")
 
     def _log_report(self, trainer: pl.Trainer, report: PruneReport) -> None:
         # "layers"/"skipped" are counts; renamed so they do not collide with the "dsf/layers" table
@@ -342,17 +329,6 @@ class DSFPruneCallback(Callback):
                                step=trainer.global_step)
 
 
-class _ForwardModule(nn.Module):
-    """``update_bn`` calls ``model(batch)``; this runs ``forward(module, batch)`` instead."""
-
-    def __init__(self, module: nn.Module, forward: Callable[[nn.Module, Any], Any]) -> None:
-        super().__init__()
-        self.module, self._forward = module, forward
-
-    def forward(self, batch: Any) -> Any:
-        return self._forward(self.module, batch)
-
-
 def _is_sharded(loader: Any) -> bool:
     sampler = getattr(loader, "sampler", None)
     batch_sampler = getattr(loader, "batch_sampler", None)
@@ -364,30 +340,3 @@ def _is_sharded(loader: Any) -> bool:
 def _log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
     for lg in trainer.loggers:
         lg.log_metrics(dict(metrics), step=step)
-
-
-def load_pruned_checkpoint(module: type[pl.LightningModule] | pl.LightningModule, path: str | os.PathLike,
-                           map_location: Any = "cpu", weights_only: bool | None = None,
-                           **kwargs: Any) -> pl.LightningModule:
-    """Load a checkpoint of a run pruned by :class:`DSFPruneCallback` for inference.
-
-    ``module`` is a LightningModule class (instantiated from the checkpoint's hyperparameters by its own
-    ``load_from_checkpoint(path, **kwargs)``) or a dense instance (loaded in place). The pruned structure
-    in ``checkpoint["dsf_structure"]`` is applied before the strict state-dict load, so the result holds
-    the same masked modules and weights as the trained one. Classes with
-    :class:`~dsf_lightning.structure.PrunedCheckpointMixin` do this in their own ``load_from_checkpoint``.
-    """
-    if isinstance(module, type) and issubclass(module, PrunedCheckpointMixin):
-        return module.load_from_checkpoint(path, map_location=map_location, weights_only=weights_only, **kwargs)
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True if weights_only is None else weights_only)
-    spec = checkpoint.get(CHECKPOINT_KEY)
-    if spec is None:
-        raise ValueError(f"checkpoint {str(path)!r} has no {CHECKPOINT_KEY!r} entry (not saved by DSFPruneCallback)")
-    if isinstance(module, type):
-        with warnings.catch_warnings():  # a dense instance from the hyperparameters: the pruned keys do not fit
-            warnings.filterwarnings("ignore", message="Found keys that are")
-            module = module.load_from_checkpoint(path, map_location=map_location, weights_only=weights_only,
-                                                 strict=False, **kwargs)
-    else:
-        module.on_load_checkpoint(checkpoint)
-    return load_pruned(module, checkpoint["state_dict"], spec=spec)

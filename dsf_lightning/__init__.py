@@ -32,7 +32,7 @@ from dsf_lightning.modules import (
     pruned_module,
     pruned_module_from_factorization,
 )
-from dsf_lightning.prune import plan_prune, prune
+from dsf_lightning.pruning import plan_prune, prune
 from dsf_lightning.report import LayerRecord, PruneReport
 from dsf_lightning.structure import (
     PrunedCheckpointMixin,

@@ -2,7 +2,7 @@
 
 It holds everything that does not depend on the model (density, method and its options, target
 patterns, calibration, module options) and checks all of it once, in ``__post_init__``; the checks
-that need the model (targets, per-layer budgets) run in :func:`dsf_lightning.prune.plan_prune`
+that need the model (targets, per-layer budgets) run in :func:`dsf_lightning.pruning.plan_prune`
 before any data is touched.
 """
 
@@ -10,31 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from dsf_lightning.factorization import PRESETS, check_density, get_method
 from dsf_lightning.modules import FORWARD_MODES, ForwardMode
+from dsf_lightning.targets import FAMILIES, Family, as_patterns
 
-__all__ = ["FAMILIES", "Family", "PruneConfig"]
-
-Family = Literal["vision", "llm"]
-#: Model families: each has a default target rule (:func:`dsf_lightning.targets.find_targets`) and is
-#: the default DSF preset.
-FAMILIES: tuple[Family, ...] = ("vision", "llm")
+__all__ = ["PruneConfig", "check_count"]
 
 
-def _patterns(value: Sequence[str] | str | None, what: str) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):  # a lone string would otherwise be iterated character by character
-        value = [value]
-    value = tuple(value)
-    if not all(isinstance(p, str) for p in value):
-        raise ValueError(f"{what} must be a sequence of strings, got {value!r}")
-    return value
-
-
-def _count(value: Any, what: str, *, allow_none: bool = False) -> int | None:
+def check_count(value: Any, what: str, *, allow_none: bool = False) -> int | None:
+    """``value`` if it is an int >= 0 (or ``None`` when allowed), else ``ValueError`` naming ``what``."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -86,11 +72,11 @@ class PruneConfig:
             raise ValueError(f"factorization_options['preset'] must be one of {PRESETS}, got {opts['preset']!r}")
         put("factorization_options", opts)
         put("densities", {str(n): check_density(d, f"densities[{n!r}]") for n, d in dict(self.densities or {}).items()})
-        put("include", _patterns(self.include, "include"))
-        put("exclude", _patterns(self.exclude, "exclude") or ())
+        put("include", as_patterns(self.include, "include"))
+        put("exclude", as_patterns(self.exclude, "exclude") or ())
         if self.family is not None and self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES} or None (detect), got {self.family!r}")
-        put("calibration_batches", _count(self.calibration_batches, "calibration_batches", allow_none=True))
+        put("calibration_batches", check_count(self.calibration_batches, "calibration_batches", allow_none=True))
         if method.needs_gram and self.calibration_batches == 0:
             raise ValueError(f"method {self.method!r} needs calibration data: set calibration_batches > 0 "
                              f"(or None to use every batch given)")
@@ -98,7 +84,7 @@ class PruneConfig:
             raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {self.forward_mode!r}")
         if not isinstance(self.balance_norms, bool):
             raise ValueError(f"balance_norms must be a bool, got {self.balance_norms!r}")
-        _count(self.seed, "seed")
+        check_count(self.seed, "seed")
 
     @property
     def calibrated(self) -> bool:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from dsf_lightning.calibration import GramAccumulator
 from dsf_lightning.factorization import Factorization
-from dsf_lightning.prune import Executor, LayerJob, LayerResult
+from dsf_lightning.pruning import Executor, LayerJob, LayerResult
 
 __all__ = ["all_reduce_grams", "balance_layers", "broadcast_result", "distributed_executor", "world"]
 
@@ -73,7 +73,7 @@ def balance_layers(costs: Sequence[int], world_size: int) -> list[int]:
 
 
 def broadcast_result(result: LayerResult | None, src: int, device: torch.device) -> LayerResult:
-    """``src``'s :class:`~dsf_lightning.prune.LayerResult` on every rank: metadata as an object, tensors by
+    """``src``'s :class:`~dsf_lightning.pruning.LayerResult` on every rank: metadata as an object, tensors by
     ``dist.broadcast`` (bool masks as uint8), bit for bit. ``result`` is only read on ``src``."""
     rank, _ = world()
     comm = comm_device(device)
@@ -111,7 +111,7 @@ def broadcast_result(result: LayerResult | None, src: int, device: torch.device)
 
 
 def distributed_executor(progress: bool = True) -> Executor:
-    """An executor for :func:`~dsf_lightning.prune.prune` that splits the jobs across the ranks of the
+    """An executor for :func:`~dsf_lightning.pruning.prune` that splits the jobs across the ranks of the
     default process group and broadcasts every result to every rank (progress bar on rank zero)."""
     rank, world_size = world()
 

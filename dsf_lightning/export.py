@@ -40,9 +40,8 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import safe_open
+from safetensors.torch import safe_open, save_file
 from safetensors.torch import save as st_save_bytes
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from dsf_lightning.modules import DSFLinear, MaskedLayer, SparseLinear

@@ -94,7 +94,8 @@ def explicit_padding(conv: Any) -> tuple[int, int, int, int]:
     if isinstance(padding, str):
         if padding not in ("same", "valid"):
             raise ValueError(f"unknown string padding {padding!r} (expected 'same' or 'valid')")
-        (th, tw) = [d * (k - 1) if padding == "same" else 0 for d, k in zip(pair(conv.dilation), pair(conv.kernel_size))]
+        dilation, kernel = pair(conv.dilation), pair(conv.kernel_size)
+        (th, tw) = [d * (k - 1) if padding == "same" else 0 for d, k in zip(dilation, kernel)]
         return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
     ph, pw = pair(padding)
     return (pw, pw, ph, ph)

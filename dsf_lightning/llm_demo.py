@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from dsf_lightning.calibration import InputGramRecorder
 from dsf_lightning.data import load_smollm2, token_batches, wikipedia_texts
-from dsf_lightning.factorization import FACTORIZERS, factorize
+from dsf_lightning.factorization import METHODS, factorize
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -27,7 +27,8 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 def block_linears(model: nn.Module, blocks: list[int]) -> dict[str, nn.Linear]:
     """``{name: nn.Linear}`` of the attention and MLP projections of the given decoder blocks."""
     found = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    names = [f"model.layers.{b}.{'mlp' if p in PROJECTIONS[4:] else 'self_attn'}.{p}" for b in blocks for p in PROJECTIONS]
+    names = [f"model.layers.{b}.{'mlp' if p in PROJECTIONS[4:] else 'self_attn'}.{p}"
+             for b in blocks for p in PROJECTIONS]
     return {n: found[n] for n in names}
 
 
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.3],
                    help="fractions of weights kept, each in (0, 1] (default: 0.5 0.3)")
     p.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "admm", "dsf"],
-                   choices=sorted(FACTORIZERS), help="methods to compare (default: magnitude wanda admm dsf)")
+                   choices=sorted(METHODS), help="methods to compare (default: magnitude wanda admm dsf)")
     p.add_argument("--calib-sequences", type=int, default=32, help="calibration windows (default: 32)")
     p.add_argument("--eval-sequences", type=int, default=32, help="held-out windows for perplexity (default: 32)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default: 128)")

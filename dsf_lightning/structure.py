@@ -134,7 +134,7 @@ def _plan_entry(modules: Mapping[str, nn.Module], e: Mapping[str, Any]) -> nn.Mo
     layer = modules.get(name) if name else None
     if layer is None:
         close = difflib.get_close_matches(str(name), [n for n, m in modules.items() if layer_kind(m)], n=3)
-        raise ValueError(f"layer {name!r} of the structure spec is not in the model"
+        raise ValueError(f"layer {name!r} of the structure spec is not in {type(modules['']).__name__}"
                          f"{f'; close names: {close}' if close else ''}")
     if is_pruned_module(layer):
         if type(layer) is cls and _same_kwargs(layer, e["kwargs"]):
@@ -184,8 +184,8 @@ def apply_structure_spec(model: nn.Module, spec: Mapping[str, Any]) -> nn.Module
     ``load_state_dict``; or already hold exactly that pruned module, which stays. Otherwise
     ``ValueError`` naming the layer (expected vs found), before anything is replaced.
     """
-    _apply(model, spec)
-    return model
+    with structure_applied(model, spec):
+        return model
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> None:

@@ -12,16 +12,32 @@ import fnmatch
 import logging
 import re
 from collections.abc import Sequence
+from typing import Literal
 
 from torch import nn
 
-from dsf_lightning.config import FAMILIES, Family
 from dsf_lightning.layers import SUPPORTED, layer_kind
 from dsf_lightning.modules import ConvGeometry, DSFLinear, SparseLinear, is_pruned_module
 
-__all__ = ["block_stacks", "detect_family", "find_targets", "matching"]
+__all__ = ["FAMILIES", "Family", "as_patterns", "block_stacks", "detect_family", "find_targets", "matching"]
 
 log = logging.getLogger(__name__)
+
+Family = Literal["vision", "llm"]
+#: Model families: each has a default target rule (:func:`find_targets`) and is the default DSF preset.
+FAMILIES: tuple[Family, ...] = ("vision", "llm")
+
+
+def as_patterns(value: Sequence[str] | str | None, what: str) -> tuple[str, ...] | None:
+    """Target patterns as a tuple (a lone string is one pattern), else ``ValueError`` naming ``what``."""
+    if value is None:
+        return None
+    if isinstance(value, str):  # a lone string would otherwise be iterated character by character
+        value = [value]
+    value = tuple(value)
+    if not all(isinstance(p, str) for p in value):
+        raise ValueError(f"{what} must be a sequence of strings, got {value!r}")
+    return value
 
 
 def matching(name: str, patterns: Sequence[str]) -> str | None:
@@ -102,7 +118,7 @@ def find_targets(
     model: nn.Module,
     *,
     include: Sequence[str] | None = None,
-    exclude: Sequence[str] = (),
+    exclude: Sequence[str] | None = None,
     family: Family | None = None,
 ) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Select the layers to prune.
@@ -131,6 +147,7 @@ def find_targets(
     Raises:
         ValueError: a selected layer is already pruned (``merge`` first, or exclude it); bad family.
     """
+    include, exclude = as_patterns(include, "include"), as_patterns(exclude, "exclude") or ()
     if family is None:
         family = detect_family(model)
     if family not in FAMILIES:

@@ -15,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """One intra-op thread per test (``make test`` also sets OMP_NUM_THREADS=1): the tests' ops

@@ -17,7 +17,8 @@ GOLDEN_PATH = Path(__file__).parent / "data" / "golden_factors.pt"
 def _problem(out: int, fan_in: int, seed: int, with_gram: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     g = torch.Generator().manual_seed(seed)
     # low rank plus noise, like a trained layer; inputs with uneven feature norms
-    w = torch.randn(out, 6, generator=g) @ torch.randn(6, fan_in, generator=g) + 0.3 * torch.randn(out, fan_in, generator=g)
+    low_rank = torch.randn(out, 6, generator=g) @ torch.randn(6, fan_in, generator=g)
+    w = low_rank + 0.3 * torch.randn(out, fan_in, generator=g)
     if not with_gram:
         return w, None
     x = torch.randn(4 * fan_in, fan_in, generator=g) * torch.linspace(0.2, 2.0, fan_in)

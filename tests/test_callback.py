@@ -18,11 +18,11 @@ torchvision = pytest.importorskip("torchvision")
 
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger, WandbLogger  # noqa: E402
-
-import dsf_lightning.surgery as surgery  # noqa: E402
-from dsf_lightning.callbacks import DSFPruneCallback, balance_layers, load_pruned_checkpoint  # noqa: E402
-from dsf_lightning.modules import is_pruned_module  # noqa: E402
 from wandb_offline import wandb_records  # noqa: E402  (tests/ is on sys.path)
+
+import dsf_lightning.pruning as pruning  # noqa: E402
+from dsf_lightning.callbacks import DSFPruneCallback, load_pruned_checkpoint  # noqa: E402
+from dsf_lightning.modules import is_pruned_module  # noqa: E402
 
 os.environ.setdefault("WANDB_SILENT", "true")
 FAST = {"outer_iters": 3}
@@ -122,7 +122,7 @@ def masks_of(module: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
     out = {}
     for name, m in module.named_modules():
         if is_pruned_module(m):
-            for i, (p, mask) in enumerate(m.masked_parameters()):
+            for i, (_, mask) in enumerate(m.masked_parameters()):
                 out[f"{name}.{i}"] = (mask.clone(), int(mask.sum()))
     return out
 
@@ -149,13 +149,13 @@ class MaskProbe(pl.Callback):
 @pytest.fixture
 def count_factorize(monkeypatch):
     calls: list[str] = []
-    real = surgery.factorize
+    real = pruning.factorize
 
     def counting(method, *a, **kw):
         calls.append(method)
         return real(method, *a, **kw)
 
-    monkeypatch.setattr(surgery, "factorize", counting)
+    monkeypatch.setattr(pruning, "factorize", counting)
     return calls
 
 
@@ -189,8 +189,8 @@ def test_resnet18_metrics_in_csv_and_wandb(tmp_path):
     for k in expected:
         assert hist[k] == pytest.approx(got_csv[k][-1], rel=1e-6), k
     assert hist["dsf/layers/_type"] == "table-file" and hist["dsf/layers/nrows"] == 4
-    row = cb.layer_rows[0]
-    assert {"layer", "shape", "first_density", "second_density", "error_vs_magnitude", "seconds"} <= set(row)
+    row = cb.report.to_rows()[0]
+    assert {"name", "out", "fan_in", "first_density", "second_density", "error_vs_magnitude", "seconds"} <= set(row)
     # the table row is the layer's record: the ratio is its error over magnitude pruning's (random-init
     # weights here, so no claim that DSF wins), and the square (64, 64) factor holds at most the
     # vision preset's 30% of the budget
@@ -260,6 +260,31 @@ def test_resume_rebuilds_structure_without_refactorizing(tmp_path, count_factori
             assert torch.equal(v, sd[k]), k
 
 
+def test_resume_with_another_method_is_a_clear_error(tmp_path, count_factorize):
+    kw = dict(include=LAYER1, progress=False)
+    _fit(tmp_path / "a", DSFPruneCallback(0.3, "magnitude", **kw), _resume_module(), 1, checkpoint_dir=tmp_path / "c")
+    count_factorize.clear()
+    with pytest.raises(ValueError, match=r"layer 'model\.layer1\.0\.conv1': the checkpoint holds \['weight', "
+                                         r"'weight_mask'\] but DSFPruneCallback\(method='dsf'\) built DSFConv2d"):
+        _fit(tmp_path / "b", DSFPruneCallback(0.3, factorization_options=FAST, **kw), _resume_module(), 2,
+             ckpt_path=str(tmp_path / "c" / "last.ckpt"))
+    assert count_factorize == []
+
+
+def test_mixin_module_loads_pruned_checkpoints_with_its_own_load_from_checkpoint(tmp_path):
+    from dsf_lightning.models import ImageClassifier
+
+    module = ImageClassifier(torchvision.models.resnet18(weights=None, num_classes=10), 10, lr=0.01)
+    cb = DSFPruneCallback(0.3, "magnitude", include=[r"backbone\.layer1\.\d\.conv\d"], progress=False)
+    tr = trainer(tmp_path, [cb, ModelCheckpoint(dirpath=tmp_path / "c", save_last=True)], enable_checkpointing=True)
+    tr.fit(module, images(8), images(8))
+    loaded = ImageClassifier.load_from_checkpoint(tmp_path / "c" / "last.ckpt",
+                                                  backbone=torchvision.models.resnet18(weights=None, num_classes=10))
+    assert type(loaded) is ImageClassifier and is_pruned_module(loaded.backbone.layer1[1].conv2)
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+
+
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, match", [
     (dict(density=0.0), "density"),
@@ -267,7 +292,7 @@ def test_resume_rebuilds_structure_without_refactorizing(tmp_path, count_factori
     (dict(density=0.3, method="dfs"), "unknown method"),
     (dict(density=0.3, method="wanda"), "needs calibration"),
     (dict(density=0.3, calibration_batches=-1), "calibration_batches"),
-    (dict(density=0.3, method="magnitude", fixed_mask=True), "fixed_mask"),
+    (dict(density=0.3, method="magnitude", factorization_options={"fixed_mask": True}), "fixed_mask"),
     (dict(density=0.3, factorization_options={"outer_iter": 3}), "no option"),
     (dict(density=0.3, densities={"model.fc": 2.0}), "densities"),
 ])
@@ -279,7 +304,8 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(include=[r"model\.nothing.*"]), "no layer to prune"),
     (dict(include=LAYER1, densities={"model.layer1.0.conv9": 0.2}), "not a target layer"),
-    (dict(include=LAYER1, calibration_batches=2, calibration_loader=[]), "yielded no input"),
+    (dict(include=LAYER1, calibration_batches=2, calibration_loader=[]), "calibration data is empty"),
+    (dict(include=LAYER1, calibration_batches=2, calibration_loader=iter([])), "saw no calibration input"),
 ])
 def test_bad_model_dependent_input_fails_before_factorizing(tmp_path, count_factorize, kwargs, match):
     module = ResNetModule()
@@ -302,6 +328,8 @@ def test_unsupported_target_is_skipped_with_warning(tmp_path):
 
 
 def test_balance_layers_is_cost_balanced():
+    from dsf_lightning.distributed import balance_layers
+
     owners = balance_layers([100, 1, 60, 50, 10], 2)
     loads = [sum(c for c, o in zip([100, 1, 60, 50, 10], owners) if o == r) for r in range(2)]
     assert owners[0] != owners[2] and abs(loads[0] - loads[1]) <= 100

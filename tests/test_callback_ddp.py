@@ -5,7 +5,7 @@ rerun pytest; so the test runs this file as a script (``python tests/test_callba
 CALIB``) in a subprocess, and every rank writes what it saw to ``OUT/rank<r>.pt``:
 
 * the pruned layers' parameters and masks right after pruning (``on_fit_start``) and after training;
-* the layers this rank factorized (``owned_layers``), the Grams handed to ``prune``;
+* the layers this rank factorized (``owned_layers``), the Grams the layer jobs were built from;
 * the evaluation metrics it computed (all-reduced, so equal on every rank).
 
 ``MODE`` is ``ddp`` (2 processes) or ``single`` (1 process, twice the calibration batches: the same
@@ -59,14 +59,13 @@ def _run_script(out: str, mode: str, calib: int) -> None:
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
     captured: dict = {}
-    real_prune = dsf_prune.prune
+    real_jobs = dsf_prune.layer_jobs
 
-    def spy(*args, **kwargs):
-        grams = kwargs.get("grams")
+    def spy(plan, grams=None):
         captured["grams"] = None if grams is None else {k: v.clone().cpu() for k, v in grams.items()}
-        return real_prune(*args, **kwargs)
+        return real_jobs(plan, grams)
 
-    dsf_prune.prune = spy
+    dsf_prune.layer_jobs = spy
 
     def pruned_state(module):
         return {k: v.detach().clone().cpu() for n, m in module.named_modules() if is_pruned_module(m)
@@ -97,7 +96,7 @@ def _run_script(out: str, mode: str, calib: int) -> None:
                 "layers": [r.name for r in cb.report.layers], "hash": h.hexdigest(),
                 "after_prune": captured["after_prune"], "after_fit": pruned_state(module),
                 "grams": captured["grams"], "tokens": cb.report.calibration_tokens,
-                "metrics": cb.metrics, "rows": cb.layer_rows},
+                "metrics": cb.metrics, "rows": cb.report.to_rows()},
                os.path.join(out, f"rank{trainer.global_rank}.pt"))
 
 

@@ -24,6 +24,7 @@ from dsf_lightning.export import (
 from dsf_lightning.factorization import factorize
 from dsf_lightning.models import resnet20
 from dsf_lightning.modules import DSFConv2d, DSFLinear, SparseConv2d, SparseLinear, pruned_module_from_factorization
+from dsf_lightning.structure import structure_spec
 
 
 class Net(nn.Module):
@@ -144,10 +145,10 @@ def test_packed_file_contents(pruned, tmp_path):
         assert f.get_tensor("body.layer1.0.conv1.first.values").dtype == torch.float16
         assert f.get_tensor("body.bn1.num_batches_tracked").dtype == torch.int64
     structure = json.loads(meta["structure"])
-    assert meta["format"] == "dsf-packed" and meta["dtype"] == "float16"
-    by_name = {e["name"]: e for e in structure}
+    assert meta["format"] == "dsf-packed" and meta["dtype"] == "float16" and meta["version"] == "2"
+    assert structure == structure_spec(pruned)  # the one structure format, as checkpoints carry it
+    by_name = {e["name"]: e for e in structure["modules"]}
     assert by_name["body.fc"]["class"] == "DSFLinear" and by_name["head"]["class"] == "SparseLinear"
-    assert by_name["body.fc"]["spec"] == pruned.body.fc.spec()
     assert not any(k.endswith("_mask") for k in keys)
     assert "body.conv1.weight" in keys and "body.layer1.0.conv1.first" not in keys
 

@@ -327,11 +327,11 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match="groups=2"):
         SparseConv2d.from_factorization(grouped, magnitude_prune(torch.randn(8, 18), 0.3))
     conv = nn.Conv2d(4, 8, 3)
-    with pytest.raises(ValueError, match=r"expected first of shape \(r, 36\), got \(8, 27\)"):
+    with pytest.raises(ValueError, match=r"expected first of shape \(8, 36\), got \(8, 27\)"):
         DSFConv2d.from_factorization(conv, dsf(nn.Conv2d(3, 8, 3)))
     layer = nn.Linear(20, 10)
-    with pytest.raises(ValueError, match=r"expected second of shape \(10, 12\), got \(12, 12\)"):
-        DSFLinear.from_factorization(layer, dsf(nn.Linear(20, 12)))
+    with pytest.raises(ValueError, match=r"expected first of shape \(10, 20\), got \(12, 20\)"):
+        DSFLinear.from_factorization(layer, dsf(nn.Linear(20, 12)))  # rank 12 does not fit rank 10
     with pytest.raises(ValueError, match="second=None"):
         DSFLinear.from_factorization(layer, magnitude_prune(layer.weight, 0.3))
     with pytest.raises(ValueError, match="two factors"):

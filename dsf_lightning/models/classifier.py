@@ -29,13 +29,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from dsf_lightning.structure import PrunedCheckpointMixin
+
 __all__ = ["ImageClassifier"]
 
 Schedule = Literal["step", "linear", "constant"]
 
 
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(PrunedCheckpointMixin, pl.LightningModule):
     """Image classification with SGD and the paper's learning-rate schedules.
+
+    Checkpoints of pruned runs load with ``ImageClassifier.load_from_checkpoint(path, backbone=...)``
+    (:class:`~dsf_lightning.structure.PrunedCheckpointMixin` rebuilds the pruned structure).
 
     Args:
         backbone: ``nn.Module`` mapping ``(N, C, H, W)`` images to ``(N, num_classes)`` logits

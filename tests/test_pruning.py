@@ -1,4 +1,4 @@
-"""Model surgery: target selection, prune, structure spec round trips, merge, and refusing bad input."""
+"""Whole-model pruning: target selection, prune, structure spec round trips, merge, and refusing bad input."""
 
 from __future__ import annotations
 
@@ -9,18 +9,18 @@ import pytest
 import torch
 from torch import nn
 
-from dsf_lightning import surgery
+import dsf_lightning.pruning as pruning
 from dsf_lightning.modules import PRUNED_MODULE_TYPES, DSFConv2d, DSFLinear, SparseConv2d, SparseLinear
-from dsf_lightning.surgery import (
+from dsf_lightning.pruning import prune
+from dsf_lightning.structure import (
     apply_structure_spec,
-    find_targets,
     load_pruned,
     merge,
-    prune,
     replace_module,
     save_pruned,
     structure_spec,
 )
+from dsf_lightning.targets import detect_family, find_targets
 
 FAST = {"outer_iters": 3}  # DSF with 3 instead of 40 outer iterations: same code paths, fast
 
@@ -86,7 +86,7 @@ def no_factorize(monkeypatch):
     """Fail the test if any factorization starts (errors must come before any work)."""
     def boom(*a, **k):
         raise AssertionError("factorize ran")
-    monkeypatch.setattr(surgery, "factorize", boom)
+    monkeypatch.setattr(pruning, "factorize", boom)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def test_default_targets_resnet18():
 def test_default_targets_llama():
     model = llama()
     targets, skipped = find_targets(model)
-    assert surgery.detect_preset(model) == "llm"
+    assert detect_family(model) == "llm"
     projs = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     assert sorted(targets) == sorted(f"model.layers.{i}.{p}" for i in range(2) for p in projs)
@@ -179,7 +179,7 @@ def test_default_targets_gpt2():
 
 
 def test_grouped_conv_is_skipped_with_reason():
-    targets, skipped = find_targets(small_cnn(), preset="vision")
+    targets, skipped = find_targets(small_cnn(), family="vision")
     assert list(targets) == ["3"]
     assert skipped["1"] == "groups=8 > 1 (depthwise/grouped convs are not factorized)"
     assert set(skipped) == {"0", "1", "6"}
@@ -233,7 +233,7 @@ def test_layerwise_prune_llama(method):
                    factorization_options=FAST if method == "dsf" else None)
     assert model.training and model.model.layers[0].training
     rows = {r["name"]: r for r in report.to_rows()}
-    assert len(rows) == 14 and report.preset == "llm"
+    assert len(rows) == 14 and report.family == "llm"
     assert set(report.calibration_tokens.values()) == {3 * 2 * 16}
     for r in report.layers:
         out, fan_in = r.shape
@@ -256,7 +256,7 @@ def test_layerwise_prune_conv_with_tuple_batches():
     model = small_cnn()
     batches = [(torch.randn(4, 3, 8, 8), torch.zeros(4)) for _ in range(2)]
     report = prune(model, 0.5, "dsf", calibration=batches, progress=False, factorization_options=FAST,
-                   preset="vision")
+                   family="vision")
     assert [r.name for r in report.layers] == ["3"] and isinstance(model[3], DSFConv2d)
     assert report.calibration_tokens == {"3": 2 * 4 * 8 * 8}
 
@@ -293,17 +293,17 @@ def test_dsf_square_share_too_large_fails_before_work(no_factorize):
     model = small_cnn()
     snap = snapshot(model)
     with pytest.raises(ValueError, match="layer '3': the square factor's share"):
-        prune(model, 0.02, "dsf", preset="vision", progress=False,  # square share 0.05 > density
+        prune(model, 0.02, "dsf", family="vision", progress=False,  # square share 0.05 > density
               factorization_options={"square_share": 0.05})
     assert_unchanged(model, snap)
 
 
 def test_pruning_a_pruned_model_names_the_layer():
     model = small_cnn()
-    prune(model, 0.5, "magnitude", preset="vision", progress=False)
+    prune(model, 0.5, "magnitude", family="vision", progress=False)
     snap = snapshot(model)
     with pytest.raises(ValueError, match=r"layer '3' \(SparseConv2d\) is already pruned"):
-        prune(model, 0.5, "magnitude", preset="vision", progress=False)
+        prune(model, 0.5, "magnitude", family="vision", progress=False)
     assert_unchanged(model, snap)
 
 
@@ -321,8 +321,11 @@ def test_spec_that_does_not_match_the_model():
     with pytest.raises(ValueError, match=r"layer 'model\.layers\.1\.self_attn\.q_proj' of the structure spec "
                                          r"is not in LlamaForCausalLM"):
         apply_structure_spec(missing, spec)
-    with pytest.raises(ValueError, match=r"layer 'model\.layers\.0\.self_attn\.q_proj' is already pruned"):
-        apply_structure_spec(model, spec)
+    assert apply_structure_spec(model, spec) is model  # already that structure: nothing to do
+    assert structure_spec(model) == spec
+    dsf_spec = json.loads(json.dumps(spec).replace("SparseLinear", "DSFLinear"))
+    with pytest.raises(ValueError, match=r"layer 'model\.layers\.0\.self_attn\.q_proj' is already a SparseLinear"):
+        apply_structure_spec(model, dsf_spec)
     with pytest.raises(ValueError, match="not a dsf-lightning structure spec"):
         apply_structure_spec(llama(), {"modules": []})
 

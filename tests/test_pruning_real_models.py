@@ -1,4 +1,4 @@
-"""Surgery on full-size real architectures: torchvision ResNet-50 and the pretrained SmolLM2-135M."""
+"""Pruning full-size real architectures: torchvision ResNet-50 and the pretrained SmolLM2-135M."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ import pytest
 import torch
 
 from dsf_lightning.modules import DSFConv2d, DSFLinear, SparseConv2d
-from dsf_lightning.surgery import find_targets, load_pruned, merge, prune, save_pruned
+from dsf_lightning.pruning import prune
+from dsf_lightning.structure import load_pruned, merge, save_pruned
+from dsf_lightning.targets import find_targets
 
 
 def test_resnet50_paper_targets_prune_and_round_trip(tmp_path):
     import torchvision
 
     model = torchvision.models.resnet50(weights=None).eval()
-    targets, skipped = find_targets(model, preset="vision")
+    targets, skipped = find_targets(model, family="vision")
     convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
     assert set(targets) == set(convs) - {"conv1"} and "fc" in skipped and "conv1" in skipped
     # magnitude on every target (fast), DSF on one bottleneck block to exercise conv factors

@@ -31,13 +31,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dsf_lightning.calibration import InputGramRecorder
-from dsf_lightning.config import Family, PruneConfig
+from dsf_lightning.config import PruneConfig
 from dsf_lightning.factorization import Factorization, factorize, get_method, nnz_budget
-from dsf_lightning.layers import SUPPORTED, layer_kind, weight_matrix
+from dsf_lightning.layers import SUPPORTED, hf_conv1d_type, layer_kind, weight_matrix
 from dsf_lightning.modules import MaskedLayer, is_pruned_module, pruned_module
 from dsf_lightning.report import LayerRecord, PruneReport
 from dsf_lightning.structure import PRUNE_INFO_ATTR, replace_module
-from dsf_lightning.targets import detect_family, find_targets
+from dsf_lightning.targets import Family, detect_family, find_targets
 
 __all__ = [
     "Executor",
@@ -45,6 +45,7 @@ __all__ = [
     "LayerResult",
     "PrunePlan",
     "build_structure",
+    "unbuild_structure",
     "default_forward",
     "install",
     "layer_jobs",
@@ -92,7 +93,8 @@ def plan_prune(model: nn.Module, config: PruneConfig, *, with_calibration: bool 
         supported = sum(layer_kind(m) is not None for m in model.modules())
         raise ValueError(
             f"no layer to prune in {type(model).__name__}: searched {supported} supported layers ({SUPPORTED}) "
-            f"with family={family!r}, include={config.include!r}, exclude={config.exclude!r}; skipped: "
+            f"with family={family!r}, include={config.to_dict()['include']!r}, "
+            f"exclude={config.to_dict()['exclude']!r}; skipped: "
             f"{dict(list(skipped.items())[:5])}")
     densities = {n: config.density for n in targets}
     for n, d in config.densities.items():
@@ -123,6 +125,23 @@ def build_structure(model: nn.Module, plan: PrunePlan) -> PrunePlan:
         replace_module(model, name, new)
         targets[name] = new
     return dataclasses.replace(plan, targets=targets)
+
+
+@torch.no_grad()
+def unbuild_structure(model: nn.Module, plan: PrunePlan) -> None:
+    """Undo :func:`build_structure` before :func:`install`: put plain layers holding the same weights back
+    (``to_dense``; an HF ``Conv1D`` target comes back as a ``Conv1D``), so a failed prune leaves the
+    model as it was."""
+    for name, layer in plan.targets.items():
+        dense = layer.to_dense()
+        if plan.layer_types[name] == "Conv1D":
+            conv1d = hf_conv1d_type()(dense.out_features, dense.in_features).to(dense.weight)
+            conv1d.weight.copy_(dense.weight.T)
+            conv1d.bias.copy_(dense.bias)
+            dense = conv1d
+        dense.train(layer.training)
+        dense.requires_grad_(all(p.requires_grad for p in layer.parameters()))
+        replace_module(model, name, dense)
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
