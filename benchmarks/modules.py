@@ -182,7 +182,7 @@ def bench_sizes(args: argparse.Namespace) -> None:
           "DSF/magn. |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     torch.manual_seed(0)
-    models = [("ResNet-20 w%d" % args.width, resnet20(width=args.width), resnet_targets),
+    models = [(f"ResNet-20 w{args.width}", resnet20(width=args.width), resnet_targets),
               ("LLaMA small", small_llama(args), llama_targets)]
     for label, dense, tfn in models:
         targets = tfn(dense)
@@ -224,8 +224,8 @@ def bench_csr(args: argparse.Namespace) -> None:
                                  for _ in range(L)])
         for b in args.csr_batches:
             x = torch.randn(b, n, generator=gen) / n ** 0.5
-            res = round_robin({"dense": lambda: dense(x), "csr": lambda: single(x), "dsf": lambda: double(x)},
-                              warmup=1, reps=args.csr_reps)
+            res = round_robin({name: (lambda m=m, x=x: m(x)) for name, m in
+                               (("dense", dense), ("csr", single), ("dsf", double))}, warmup=1, reps=args.csr_reps)
             de, cs, ds = res["dense"], res["csr"], res["dsf"]
             print(f"| {d} | {b} | {de * 1e3:.1f} | {cs * 1e3:.1f} | {ds * 1e3:.1f} | {cs / de:.2f} | {ds / de:.2f} | "
                   f"{ds / cs:.2f} |")

@@ -1,18 +1,18 @@
-"""Time the prune step of ``DSFPruneCallback`` (its ``setup(stage="fit")`` hook) on CPU, 1 vs N processes.
+"""Time the prune step of ``DSFPruneCallback`` (its ``on_fit_start`` hook) on CPU, 1 vs N processes.
 
-The callback prunes inside ``setup``: it plans the targets, (layer-wise) records calibration Grams
-and all-reduces them, factorizes every target layer (under DDP each rank its share, chosen by cost,
-then every layer's factors are broadcast from their owner) and swaps the pruned modules in. This
+The callback builds the pruned structure in ``setup`` and prunes in ``on_fit_start``: it (layer-wise)
+records calibration Grams and all-reduces them, factorizes every target layer (under DDP each rank its
+share, chosen by cost, then every layer's factors are broadcast from their owner) and fills the pruned
+modules. This
 script wraps a model in a minimal LightningModule (a trivial ``training_step``, no validation,
 ``evaluate=False``), runs ``trainer.fit`` with ``max_steps=1`` under
 ``Trainer(accelerator="cpu", devices=N, strategy="ddp" if N > 1 else "auto")`` (gloo) and reports,
 per run (maximum over ranks):
 
-* ``prune s``: ``cb.report.seconds`` -- factorization + broadcast + module swap (with precomputed
-  Grams, ``prune`` starts its clock after calibration);
-* ``setup s``: wall time of the whole ``setup`` hook (a timing subclass): planning, moving the model,
-  the calibration forward passes and the Gram all-reduce included;
-* ``setup CPU s``: the process CPU time of the hook per rank (``time.process_time``; less sensitive
+* ``prune s``: ``cb.report.seconds`` -- calibration forward passes, Gram all-reduce, factorization,
+  broadcast and filling the modules;
+* ``hook s``: wall time of the whole ``on_fit_start`` hook (a timing subclass);
+* ``hook CPU s``: the process CPU time of the hook per rank (``time.process_time``; less sensitive
   than wall time to other jobs sharing the cores, but it counts gloo's helper threads too);
 * ``busy s``: the summed per-layer seconds of the layers the rank factorized itself (its load;
   the LPT split's balance is ``max busy / mean busy``).
@@ -37,8 +37,8 @@ Models:
   ``--seq-len`` tokens (``--batch-size`` per batch) from gensim's Wikipedia dump.
 
 ``--calibration-batches`` is the *total* over all ranks: with N processes every rank records
-``total / N`` batches of its own ``DistributedSampler`` shard, so 1 and N processes calibrate on the
-same samples (as in ``tests/test_callback_ddp.py``).
+``total / N`` batches of its own shard (every N-th batch of the calibration loader), so 1 and N
+processes calibrate on the same samples.
 
     .venv/bin/python benchmarks/prune_step.py --model resnet20 --compare
     .venv/bin/python benchmarks/prune_step.py --model smollm2 --density 0.5 --compare
@@ -108,16 +108,15 @@ def worker(a: argparse.Namespace) -> None:
     from dsf_lightning.callbacks import DSFPruneCallback
 
     class TimedPrune(DSFPruneCallback):
-        """Wall time of the whole ``setup(stage="fit")`` hook."""
+        """Wall and CPU time of the whole ``on_fit_start`` hook, where the callback prunes."""
 
-        setup_seconds = setup_cpu_seconds = float("nan")
+        hook_seconds = hook_cpu_seconds = float("nan")
 
-        def setup(self, trainer, pl_module, stage):
+        def on_fit_start(self, trainer, pl_module):
             t0, c0 = time.perf_counter(), time.process_time()
-            super().setup(trainer, pl_module, stage)
-            if stage == "fit":
-                self.setup_seconds = time.perf_counter() - t0
-                self.setup_cpu_seconds = time.process_time() - c0
+            super().on_fit_start(trainer, pl_module)
+            self.hook_seconds = time.perf_counter() - t0
+            self.hook_cpu_seconds = time.process_time() - c0
 
     devices = a.devices
     per_rank = a.calibration_batches // devices
@@ -176,7 +175,7 @@ def worker(a: argparse.Namespace) -> None:
         blocks = "|".join(str(b) for b in a.blocks)
         include = [rf"model\.model\.layers\.({blocks})\.(self_attn|mlp)\.\w+_proj"]
 
-    # the calibration loader is a plain DataLoader: the callback injects a DistributedSampler under DDP
+    # the calibration loader is a plain DataLoader: under DDP the callback gives rank r every N-th batch
     loader = DataLoader(data, batch_size=a.batch_size, shuffle=False)
     opts = {} if a.outer_iters is None else {"outer_iters": a.outer_iters}
     cb = TimedPrune(a.density, a.method, calibration_batches=per_rank,
@@ -194,7 +193,7 @@ def worker(a: argparse.Namespace) -> None:
     rec = {
         "rank": rank, "world": trainer.world_size, "threads": torch.get_num_threads(),
         "layers": len(cb.report.layers), "owned": sorted(owned),
-        "prune_s": cb.report.seconds, "setup_s": cb.setup_seconds, "setup_cpu_s": cb.setup_cpu_seconds,
+        "prune_s": cb.report.seconds, "hook_s": cb.hook_seconds, "hook_cpu_s": cb.hook_cpu_seconds,
         "fit_s": fit_s,
         "busy_s": sum(r.seconds for r in cb.report.layers if r.name in owned),
         "layer_seconds": {r.name: r.seconds for r in cb.report.layers},
@@ -238,8 +237,8 @@ def run(a: argparse.Namespace, devices: int) -> dict:
                 ranks.append(json.load(f))
     busy = [r["busy_s"] for r in ranks]
     return {"devices": devices, "layers": ranks[0]["layers"],
-            "prune_s": max(r["prune_s"] for r in ranks), "setup_s": max(r["setup_s"] for r in ranks),
-            "setup_cpu_s": [r["setup_cpu_s"] for r in ranks],
+            "prune_s": max(r["prune_s"] for r in ranks), "hook_s": max(r["hook_s"] for r in ranks),
+            "hook_cpu_s": [r["hook_cpu_s"] for r in ranks],
             "fit_s": max(r["fit_s"] for r in ranks), "process_wall_s": wall,
             "busy_s": busy, "serial_s": sum(ranks[0]["layer_seconds"].values()),
             "balance": max(busy) / (sum(busy) / len(busy)),
@@ -251,8 +250,8 @@ def run(a: argparse.Namespace, devices: int) -> dict:
 def _line(s: dict) -> str:
     busy = " / ".join(f"{b:.2f}" for b in s["busy_s"])
     owned = " / ".join(map(str, s["owned_counts"]))
-    cpu = " / ".join(f"{c:.2f}" for c in s["setup_cpu_s"])
-    return (f"| {s['devices']} | {s['layers']} | {owned} | {s['prune_s']:.2f} | {s['setup_s']:.2f} | {busy} | "
+    cpu = " / ".join(f"{c:.2f}" for c in s["hook_cpu_s"])
+    return (f"| {s['devices']} | {s['layers']} | {owned} | {s['prune_s']:.2f} | {s['hook_s']:.2f} | {busy} | "
             f"{s['balance']:.2f} | {cpu} | {s['fit_s']:.1f} | {s['process_wall_s']:.1f} |")
 
 
@@ -274,24 +273,24 @@ def main(argv: list[str] | None = None) -> None:
         s = run(a, n)
         results.append(s)
         print(f"devices={n}: {s['layers']} layers pruned, prune {s['prune_s']:.2f} s (max over ranks), "
-              f"setup {s['setup_s']:.2f} s, per-rank busy {[round(b, 2) for b in s['busy_s']]} s, "
+              f"hook {s['hook_s']:.2f} s, per-rank busy {[round(b, 2) for b in s['busy_s']]} s, "
               f"fit {s['fit_s']:.1f} s, process wall {s['process_wall_s']:.1f} s, "
               f"mean rel. error {s['mean_relative_error']:.4f}", flush=True)
     print()
-    print("| devices | layers | layers per rank | prune s (max) | setup s (max) | busy s per rank | "
-          "balance | setup CPU s per rank | fit s | process wall s |")
+    print("| devices | layers | layers per rank | prune s (max) | hook s (max) | busy s per rank | "
+          "balance | hook CPU s per rank | fit s | process wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for s in results:
         print(_line(s))
     summary = {"args": {k: v for k, v in vars(a).items() if k != "worker"}, "runs": results}
     if a.compare:
         one, many = results
-        ratio = {k: many[k] / one[k] for k in ("prune_s", "setup_s")}
+        ratio = {k: many[k] / one[k] for k in ("prune_s", "hook_s")}
         ideal = max(many["busy_s"]) / one["busy_s"][0]
         summary["ratio"] = {**ratio, "busy_max_over_serial": ideal}
         print(f"\nratio {many['devices']}-process / 1-process: prune {ratio['prune_s']:.3f} "
-              f"(speed-up {1 / ratio['prune_s']:.2f}x), setup {ratio['setup_s']:.3f} "
-              f"(speed-up {1 / ratio['setup_s']:.2f}x); largest rank load / serial load {ideal:.3f}")
+              f"(speed-up {1 / ratio['prune_s']:.2f}x), hook {ratio['hook_s']:.3f} "
+              f"(speed-up {1 / ratio['hook_s']:.2f}x); largest rank load / serial load {ideal:.3f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(summary, f, indent=1)
