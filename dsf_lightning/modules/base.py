@@ -36,13 +36,13 @@ class MaskedLayer(nn.Module):
 
     @property
     def fan_in(self) -> int:
-        """Inputs per output of the layer (``in * kh * kw`` for convs)."""
-        raise NotImplementedError
+        """Inputs per output of the layer (``in * kh * kw`` for convs): a row of the first masked parameter."""
+        return self.masked_parameters()[0][0][0].numel()
 
     @property
     def out_dim(self) -> int:
-        """Outputs of the layer (``out_features`` / ``out_channels``)."""
-        raise NotImplementedError
+        """Outputs of the layer (``out_features`` / ``out_channels``): rows of the last masked parameter."""
+        return self.masked_parameters()[-1][0].shape[0]
 
     @property
     def nnz(self) -> int:

@@ -88,14 +88,6 @@ class _TwoFactor(MaskedLayer):
     def masked_parameters(self) -> list[tuple[nn.Parameter, Tensor]]:
         return [(self.first, self.first_mask), (self.second, self.second_mask)]
 
-    @property
-    def fan_in(self) -> int:
-        return self.first[0].numel()
-
-    @property
-    def out_dim(self) -> int:
-        return self.second.shape[0]
-
     def _product(self) -> Tensor:
         """``(out, fan_in)`` ``S F`` of the masked factors, differentiable."""
         return (self.second * self.second_mask).flatten(1) @ (self.first * self.first_mask).flatten(1)

@@ -42,14 +42,6 @@ class _SingleMask(MaskedLayer):
     def masked_parameters(self) -> list[tuple[nn.Parameter, Tensor]]:
         return [(self.weight, self.weight_mask)]
 
-    @property
-    def fan_in(self) -> int:
-        return self.weight[0].numel()
-
-    @property
-    def out_dim(self) -> int:
-        return self.weight.shape[0]
-
     def merged_weight(self) -> Tensor:
         """Detached dense weight in the original layer's shape (zero outside the mask)."""
         return (self.weight * self.weight_mask).detach()
