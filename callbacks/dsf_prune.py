@@ -45,6 +45,7 @@ from dsf_lightning.config import PruneConfig, check_count
 from dsf_lightning.distributed import all_reduce_grams, distributed_executor, world
 from dsf_lightning.pruning import (
     PrunePlan,
+    allocate_densities,
     build_structure,
     default_forward,
     install,
@@ -218,6 +219,7 @@ class DSFPruneCallback(Callback):
             grams, counts = None, {}
             if cfg.calibrated:
                 grams, counts = self._grams(trainer, pl_module, plan)
+            plan = self._plan = allocate_densities(plan, grams)
             jobs = layer_jobs(plan, grams)
             if world_size > 1:
                 results = distributed_executor(self.progress)(jobs)

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from dsf_lightning.allocation import Allocation, check_allocation_options
 from dsf_lightning.factorization import PRESETS, check_density, get_method
 from dsf_lightning.modules import FORWARD_MODES, ForwardMode
 from dsf_lightning.targets import FAMILIES, Family, as_patterns
@@ -37,7 +38,12 @@ class PruneConfig:
         method: a :data:`~dsf_lightning.factorization.METHODS` name: ``"dsf"``, ``"magnitude"``,
             ``"wanda"`` (needs calibration), ``"admm"``, ``"svd"``.
         factorization_options: keyword options of the method (e.g. ``{"outer_iters": 10}``).
-        densities: per-layer density overrides ``{layer name: density}``.
+        densities: per-layer density overrides ``{layer name: density}``; they keep their density under
+            any ``allocation``, which spreads the rest of the budget.
+        allocation: how ``density`` is spread over the layers (:mod:`~dsf_lightning.allocation`):
+            ``"uniform"`` (every layer at ``density``), ``"global"`` (equal marginal error per nonzero, the
+            budget ``density * sum(out * fan_in)`` over the model) or ``"owl"`` (outlier-weighted).
+        allocation_options: the rule's options (``min_ratio``, ``max_ratio``; ``owl``: ``lam``, ``m``).
         include, exclude: target patterns (regex fullmatch or glob on module names); ``include``
             replaces the family's default targets, ``exclude`` removes matches.
         family: ``"vision"`` or ``"llm"``: the default targets and DSF's default preset; ``None``
@@ -54,6 +60,8 @@ class PruneConfig:
     method: str = "dsf"
     factorization_options: Mapping[str, Any] = field(default_factory=dict)
     densities: Mapping[str, float] = field(default_factory=dict)
+    allocation: Allocation = "uniform"
+    allocation_options: Mapping[str, float] = field(default_factory=dict)
     include: Sequence[str] | None = None
     exclude: Sequence[str] | None = None
     family: Family | None = None
@@ -72,6 +80,7 @@ class PruneConfig:
             raise ValueError(f"factorization_options['preset'] must be one of {PRESETS}, got {opts['preset']!r}")
         put("factorization_options", opts)
         put("densities", {str(n): check_density(d, f"densities[{n!r}]") for n, d in dict(self.densities or {}).items()})
+        put("allocation_options", check_allocation_options(self.allocation, dict(self.allocation_options or {})))
         put("include", as_patterns(self.include, "include"))
         put("exclude", as_patterns(self.exclude, "exclude") or ())
         if self.family is not None and self.family not in FAMILIES:

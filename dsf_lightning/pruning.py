@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from dsf_lightning.allocation import allocate, budget_bounds, layer_scores
 from dsf_lightning.calibration import InputGramRecorder
 from dsf_lightning.config import PruneConfig
 from dsf_lightning.factorization import Factorization, factorize, get_method, nnz_budget
@@ -44,6 +45,7 @@ __all__ = [
     "LayerJob",
     "LayerResult",
     "PrunePlan",
+    "allocate_densities",
     "build_structure",
     "unbuild_structure",
     "default_forward",
@@ -69,6 +71,8 @@ class PrunePlan:
     skipped: dict[str, str]
     densities: dict[str, float]
     options: dict[str, Any]
+    #: the smallest density the method can spend on each layer the allocation spreads the budget over
+    minimum: dict[str, float] = field(default_factory=dict)
 
 
 def target_matrix(layer: nn.Module) -> Tensor:
@@ -104,12 +108,57 @@ def plan_prune(model: nn.Module, config: PruneConfig, *, with_calibration: bool 
             raise ValueError(f"densities names {n!r}, which is not a target layer{why}; "
                              f"close target names: {close or sorted(targets)[:5]}")
         densities[n] = d
-    for n, layer in targets.items():
-        out, fan_in = target_matrix(layer).shape
+    shapes = {n: tuple(target_matrix(layer).shape) for n, layer in targets.items()}
+    minimum = {}
+    for n, (out, fan_in) in shapes.items():
         method.check_layer(out, fan_in, densities[n], options, n)
+        if config.allocation != "uniform" and n not in config.densities:
+            minimum[n] = _minimum_density(config.method, out, fan_in, options, n)
+    if minimum:  # the allocation's bounds must admit the budget: fail before any data is touched
+        opts = config.allocation_options
+        budget_bounds({n: math.prod(shapes[n]) for n in minimum}, config.density, minimum,
+                      _free_budget(config, shapes), opts["min_ratio"], opts["max_ratio"])
     return PrunePlan(config=config, family=family, targets=targets,
                      layer_types={n: type(m).__name__ for n, m in targets.items()}, skipped=skipped,
-                     densities=densities, options=options)
+                     densities=densities, options=options, minimum=minimum)
+
+
+def _minimum_density(method: str, out: int, fan_in: int, options: Mapping[str, Any], name: str) -> float:
+    """The smallest density (to 1e-9) whose budget the method can spend on an ``(out, fan_in)`` layer."""
+    check = get_method(method).check_layer
+    check(out, fan_in, 1.0, options, name)  # a layer the method cannot prune at all fails here
+    lo, hi = 0.0, 1.0
+    while hi - lo > 1e-9:
+        mid = (lo + hi) / 2
+        try:
+            check(out, fan_in, mid, options, name)
+            hi = mid
+        except ValueError:
+            lo = mid
+    return hi
+
+
+def _free_budget(config: PruneConfig, shapes: Mapping[str, tuple[int, int]]) -> int:
+    """The model budget ``floor(density * sum(numel))`` less what the per-layer overrides keep."""
+    total = nnz_budget(config.density, sum(math.prod(s) for s in shapes.values()))
+    return total - sum(nnz_budget(d, math.prod(shapes[n])) for n, d in config.densities.items())
+
+
+def allocate_densities(plan: PrunePlan, grams: Mapping[str, Tensor] | None = None) -> PrunePlan:
+    """The plan with the layers' densities spread by ``config.allocation`` (scores from the weights and, if
+    given, the Grams); every other layer keeps its density. Unchanged for ``"uniform"``."""
+    cfg = plan.config
+    if not plan.minimum:
+        return plan
+    grams = grams or {}
+    scores = {n: layer_scores(target_matrix(plan.targets[n]), grams.get(n)) for n in plan.minimum}
+    shapes = {n: tuple(target_matrix(m).shape) for n, m in plan.targets.items()}
+    allocated = allocate(cfg.allocation, scores, cfg.density, plan.minimum, _free_budget(cfg, shapes),
+                         **cfg.allocation_options)
+    method = get_method(cfg.method)
+    for n, d in allocated.items():
+        method.check_layer(*shapes[n], d, plan.options, n)
+    return dataclasses.replace(plan, densities={**plan.densities, **allocated})
 
 
 @torch.no_grad()
@@ -345,6 +394,7 @@ def prune(
     if calibration is not None:
         rec = record_grams(model, plan.targets, calibration, forward, limit=config.calibration_batches)
         grams, counts = rec.grams, rec.counts
+    plan = allocate_densities(plan, grams)
     jobs = layer_jobs(plan, grams)
     try:
         results = executor(jobs) if executor is not None else solve_serially(jobs, progress)
