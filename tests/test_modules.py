@@ -344,3 +344,13 @@ def test_bad_input_raises():
         DSFConv2d(3, 4, 3, 3, padding_mode="mirror")
     with pytest.raises(ValueError, match="strided"):
         DSFConv2d(3, 4, 3, 3, stride=2, padding="same")
+
+
+def test_building_a_pruned_module_leaves_the_rng_alone():
+    from dsf_lightning.modules import pruned_module
+
+    layer = nn.Conv2d(4, 8, 3)
+    state = torch.get_rng_state()
+    new = pruned_module(layer, two_factor=True)
+    assert torch.equal(state, torch.get_rng_state())  # a training run's data order does not depend on pruning
+    assert torch.equal(new.merged_weight(), layer.weight.detach())  # dense-equivalent: the same weight, exactly

@@ -77,10 +77,13 @@ def pruned_module(layer: nn.Module, two_factor: bool, fact: Factorization | None
     With ``fact`` it holds that factorization of ``layer``'s ``(out, fan_in)`` matrix; without, it holds
     ``layer``'s own weight with full masks and computes exactly ``layer``'s function until a
     factorization is loaded into it (:meth:`MaskedLayer.load_factorization_`). ``forward_mode`` applies
-    to two-factor layers.
+    to two-factor layers. The global RNG state is left as it was.
     """
     cls = pruned_module_class(layer, two_factor)
-    new = cls.like(layer, forward_mode=forward_mode) if two_factor else cls.like(layer)
+    device = layer.weight.device
+    # the constructor's random init is overwritten at once: it must not move the caller's RNG streams
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        new = cls.like(layer, forward_mode=forward_mode) if two_factor else cls.like(layer)
     new.load_factorization_(fact if fact is not None else _dense_equivalent(weight_matrix(layer), two_factor))
     new.train(layer.training)
     new.requires_grad_(layer.weight.requires_grad)  # a frozen model stays frozen
