@@ -33,15 +33,30 @@ import copy
 import json
 import os
 import time
+from dataclasses import replace
 
 import lightning.pytorch as pl
 
-from dsf_lightning.recipes import METHODS, build_prune_callback, prune_and_finetune, resnet20_parser, train_dense
+from dsf_lightning.config import PruneConfig
+from dsf_lightning.recipes import (
+    RECIPE_METHODS,
+    DenseConfig,
+    FinetuneConfig,
+    LoggingConfig,
+    ResNet20Config,
+    ResNet20DataConfig,
+    ResNet20ModelConfig,
+    RunConfig,
+    build_prune_callback,
+    prune_and_finetune,
+    train_dense,
+)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, ResNet20Config]:
+    """The demo's options and the ResNet-20 recipe config they describe (method: the first one)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=["dsf", "magnitude"], choices=METHODS,
+    p.add_argument("--methods", nargs="+", default=["dsf", "magnitude"], choices=RECIPE_METHODS,
                    help="methods to compare, each from the same dense weights (default: dsf magnitude)")
     p.add_argument("--density", type=float, default=0.1, help="kept fraction per pruned layer (default: 0.1)")
     p.add_argument("--dense-epochs", type=int, default=30, help="dense training epochs (default: 30)")
@@ -62,53 +77,66 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="W&B logging (default: auto = offline without credentials)")
     p.add_argument("--output-dir", default=os.path.join("lightning_logs", "demo"),
                    help="where the dense weights are saved (default: lightning_logs/demo)")
-    return p.parse_args(argv)
+    opts = p.parse_args(argv)
+    try:
+        opts.factorization_options = json.loads(opts.factorization_options)
+        config = ResNet20Config(
+            data=ResNet20DataConfig(dataset="digits", image_size=opts.image_size),
+            model=ResNet20ModelConfig(width=opts.width),
+            dense=DenseConfig(epochs=opts.dense_epochs),
+            prune=_prune(opts, opts.methods[0]),
+            finetune=FinetuneConfig(max_epochs=opts.finetune_epochs, lr=0.1, batch_size=opts.batch_size,
+                                    weight_decay=opts.weight_decay,
+                                    bn_recalibration_batches=opts.bn_recalibration_batches),
+            run=RunConfig(num_workers=0, accelerator="cpu", precision="32", seed=opts.seed, progress_bar=False),
+            logging=LoggingConfig(output_dir=opts.output_dir, wandb=opts.wandb))
+    except ValueError as e:  # json.JSONDecodeError is one too
+        p.error(str(e))
+    return opts, config
+
+
+def _prune(opts: argparse.Namespace, method: str) -> PruneConfig:
+    # the DSF options would be unknown options of the baselines
+    return PruneConfig(density=opts.density, method=method, family="vision", seed=opts.seed,
+                       factorization_options=opts.factorization_options if method == "dsf" else {})
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    opts = parse_args(argv)
+    opts, config = parse_args(argv)
     from dsf_lightning.data import DigitsDataModule
     from dsf_lightning.models import ImageClassifier, resnet20
 
-    args = resnet20_parser().parse_args([
-        "--dataset", "digits", "--image-size", str(opts.image_size), "--width", str(opts.width),
-        "--dense-epochs", str(opts.dense_epochs),
-        "--max-epochs", str(opts.finetune_epochs), "--batch-size", str(opts.batch_size), "--num-workers", "0",
-        "--density", str(opts.density), "--seed", str(opts.seed), "--accelerator", "cpu", "--precision", "32",
-        "--bn-recalibration-batches", str(opts.bn_recalibration_batches), "--wandb", opts.wandb,
-        "--output-dir", opts.output_dir, "--no-progress-bar", "--weight-decay", str(opts.weight_decay)])
-    factorization_options = json.loads(opts.factorization_options)
     model = f"resnet20-{opts.width}"
     start = time.perf_counter()
-    for method in opts.methods:  # every method's arguments are checked before training starts
-        build_prune_callback(argparse.Namespace(**{**vars(args), "method": method, "factorization_options":
-                                                   factorization_options if method == "dsf" else {}}))
-    dm = DigitsDataModule(batch_size=args.batch_size, num_workers=0, seed=args.seed, image_size=args.image_size)
+    # every method's config and callback is built (and so checked) before training starts
+    runs = {}
+    for method in opts.methods:
+        run_config = replace(config, prune=_prune(opts, method))
+        runs[method] = run_config, build_prune_callback(run_config)
+    dm = DigitsDataModule(batch_size=config.finetune.batch_size, num_workers=0, seed=config.run.seed,
+                          image_size=config.data.image_size)
 
-    pl.seed_everything(args.seed, workers=True)
+    pl.seed_everything(config.run.seed, workers=True)
     backbone = resnet20(num_classes=dm.num_classes, width=opts.width)
-    milestones = [round(0.5 * args.dense_epochs), round(0.75 * args.dense_epochs)]
-    dense = ImageClassifier(backbone, dm.num_classes, lr=args.dense_lr, momentum=args.momentum,
-                            weight_decay=args.weight_decay, lr_schedule="step", milestones=milestones)
+    ft = config.finetune
+    dense = ImageClassifier(backbone, dm.num_classes, lr=config.dense.lr, momentum=ft.momentum,
+                            weight_decay=ft.weight_decay, lr_schedule="step", milestones=config.dense.schedule())
     t = time.perf_counter()
-    dense_metrics = train_dense(args, dense, dm, model=model, dataset="digits", epochs=args.dense_epochs,
-                                save_to=os.path.join(opts.output_dir, f"{model}-dense-s{args.seed}.pt"))
-    print(f"dense: {args.dense_epochs} epochs in {time.perf_counter() - t:.0f}s, "
+    dense_metrics = train_dense(config, dense, dm, model=model, dataset="digits", epochs=config.dense.epochs,
+                                save_to=os.path.join(opts.output_dir, f"{model}-dense-s{config.run.seed}.pt"))
+    print(f"dense: {config.dense.epochs} epochs in {time.perf_counter() - t:.0f}s, "
           f"val_acc {100 * dense_metrics.get('val_acc', float('nan')):.2f}%", flush=True)
     dense_state = copy.deepcopy(backbone.state_dict())
 
     results: dict[str, dict[str, float]] = {}
-    for method in opts.methods:
-        args.method = method
-        args.factorization_options = factorization_options if method == "dsf" else {}
-        callback = build_prune_callback(args, progress=False)
-        pl.seed_everything(args.seed, workers=True)  # same fine-tuning data order for every method
+    for method, (run_config, callback) in runs.items():
+        pl.seed_everything(config.run.seed, workers=True)  # same fine-tuning data order for every method
         pruned = resnet20(num_classes=dm.num_classes, width=opts.width)
         pruned.load_state_dict(dense_state)
-        module = ImageClassifier(pruned, dm.num_classes, lr=args.lr, momentum=args.momentum,
-                                 weight_decay=args.weight_decay, lr_schedule="linear")
+        module = ImageClassifier(pruned, dm.num_classes, lr=ft.lr, momentum=ft.momentum,
+                                 weight_decay=ft.weight_decay, lr_schedule="linear")
         t = time.perf_counter()
-        metrics, _ = prune_and_finetune(args, module, dm, callback, model=model, dataset="digits",
+        metrics, _ = prune_and_finetune(run_config, module, dm, callback, model=model, dataset="digits",
                                         checkpoint_dir=None)
         metrics["seconds"] = time.perf_counter() - t
         metrics["prune_seconds"] = callback.report.seconds
@@ -121,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             + " post-fine-tune |")
     print(f"\nResNet-20 (width {opts.width}) on scikit-learn digits ({opts.image_size}x{opts.image_size}, 360 val "
           f"images), val top-1 accuracy %, "
-          f"seed {args.seed}; {args.dense_epochs} dense + {args.max_epochs} fine-tuning epochs, data-free pruning")
+          f"seed {config.run.seed}; {config.dense.epochs} dense + {ft.max_epochs} fine-tuning epochs, "
+          f"data-free pruning")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for method, m in results.items():

@@ -3,7 +3,8 @@
     python recipes/resnet20_cifar10.py                                   # offline digits default
     python recipes/resnet20_cifar10.py --dataset cifar10 --data-dir data --download --width 32
 
-The logic lives in :mod:`dsf_lightning.recipes` (``resnet20_main``).
+The logic lives in :mod:`dsf_lightning.recipes.vision` (``resnet20_main``); ``--print-config`` shows a
+run's config as YAML and ``--config FILE.yaml`` reads one back.
 """
 
 import sys

@@ -2,7 +2,8 @@
 
     python recipes/resnet50_imagenet.py --data-dir /data/imagenet --density 0.1 --devices 8
 
-The logic lives in :mod:`dsf_lightning.recipes` (``resnet50_main``).
+The logic lives in :mod:`dsf_lightning.recipes.vision` (``resnet50_main``); ``--print-config`` shows a
+run's config as YAML and ``--config FILE.yaml`` reads one back.
 """
 
 import sys

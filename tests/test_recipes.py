@@ -1,6 +1,6 @@
 """The recipes end to end on CPU: ResNet-20 on a generated CIFAR-10 copy (single process and 2-process
 DDP/gloo), ResNet-50 on a generated ImageFolder, a real tiny run's offline W&B record (config, names,
-pre/post metrics), and bad input failing before any training.
+pre/post metrics), the run config through flags and YAML files, and bad input failing before any training.
 
 The generated CIFAR copy holds random images in torchvision's format (``cifar-10-batches-py`` pickles);
 torchvision checks the files' md5 sums against the real dataset's, so the processes that read it
@@ -19,6 +19,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from wandb_offline import wandb_records  # noqa: E402  (tests/ is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,7 +45,13 @@ if __name__ == "__main__":  # the DDP test's script: python tests/test_recipes.p
 pl = pytest.importorskip("lightning.pytorch")
 
 from dsf_lightning import recipes  # noqa: E402
-from dsf_lightning.recipes import resnet20_main, resnet20_parser, resnet50_main, resnet50_parser  # noqa: E402
+from dsf_lightning.recipes import (  # noqa: E402
+    ResNet20Config,
+    resnet20_main,
+    resnet20_parser,
+    resnet50_main,
+    resnet50_parser,
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,27 +111,30 @@ def no_training(monkeypatch):
 # runs
 # ------------------------------------------------------------------------------------------------
 def test_resnet20_cifar_fast_dev_run(tmp_path, cifar_dir):
-    args = resnet20_parser().parse_args([
+    out = tmp_path / "out"
+    config = resnet20_parser().parse([
         "--dataset", "cifar10", "--data-dir", cifar_dir, "--fast-dev-run", "--batch-size", "4", "--num-workers", "0",
-        "--accelerator", "cpu", "--factorization-options", FAST, "--output-dir", str(tmp_path / "out"),
-        "--no-progress-bar"])
-    result = recipes.run_resnet20(args)
+        "--accelerator", "cpu", "--factorization-options", FAST, "--output-dir", str(out), "--no-progress-bar"])
+    result = recipes.run_resnet20(config)
     m = result["metrics"]
     for k in ("dense/val_acc", "pre_finetune/val_acc", "pre_finetune/val_acc5", "post_finetune/val_acc",
               "post_finetune/val_loss", "dsf/achieved_density"):
         assert k in m, (k, sorted(m))
     assert m["dsf/achieved_density"] <= 0.1 + 1e-9
     assert result["world_size"] == 1
-    assert json.load(open(tmp_path / "out" / "results.json"))["metrics"] == pytest.approx(m)
+    written = json.load(open(out / "results.json"))
+    assert written["metrics"] == pytest.approx(m) and written["config"] == config.to_dict()
+    # config.yaml is the run's config: --config reads it back to the same config
+    assert resnet20_parser().parse(["--config", str(out / "config.yaml")]) == config
 
 
 def test_resnet50_imagefolder_fast_dev_run(tmp_path):
     data = make_image_folder(tmp_path / "imagenet")
-    args = resnet50_parser().parse_args([
+    config = resnet50_parser().parse([
         "--data-dir", data, "--weights", "none", "--method", "magnitude", "--density", "0.1", "--fast-dev-run",
         "--batch-size", "2", "--num-workers", "0", "--accelerator", "cpu", "--output-dir", str(tmp_path / "out"),
         "--no-progress-bar"])
-    result = recipes.run_resnet50(args)
+    result = recipes.run_resnet50(config)
     m = result["metrics"]
     for k in ("dense/val_acc", "pre_finetune/val_acc", "post_finetune/val_acc", "post_finetune/val_acc5"):
         assert k in m, (k, sorted(m))
@@ -150,9 +160,10 @@ def test_resnet20_real_tiny_run_wandb_offline(tmp_path):
     assert rec["run"]["name"] == "resnet20-16-dsf-d0.2-s3"
     assert rec["run"]["group"] == "resnet20-16-digits" and rec["run"]["project"] == "dsf-lightning"
     assert set(rec["run"]["tags"]) == {"resnet20-16", "dsf", "density=0.2"}
-    cfg = rec["config"]
-    assert cfg["method"] == "dsf" and cfg["density"] == 0.2 and cfg["seed"] == 3 and cfg["max_epochs"] == 1
-    assert cfg["dense_ckpt"] == str(ckpt) and cfg["lr_schedule"] == "linear"  # args and module hparams
+    cfg = rec["config"]  # the nested run config and the module's hparams
+    assert cfg["prune"]["method"] == "dsf" and cfg["prune"]["density"] == 0.2 and cfg["prune"]["seed"] == 3
+    assert cfg["run"]["seed"] == 3 and cfg["finetune"]["max_epochs"] == 1 and cfg["dense"]["ckpt"] == str(ckpt)
+    assert cfg["logging"]["output_dir"] == str(out) and cfg["lr_schedule"] == "linear"
     hist = rec["history"]
     results = json.load(open(out / "results.json"))["metrics"]
     for k in ("dense/val_acc", "pre_finetune/val_acc", "pre_finetune/val_loss", "post_finetune/val_acc",
@@ -181,7 +192,7 @@ def test_resnet20_ddp_two_processes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.load(open(out / "results.json"))
     assert result["world_size"] == 2
-    assert result["args"]["strategy"] is None  # default: ddp chosen for 2 devices
+    assert result["config"]["run"]["strategy"] is None  # default: ddp chosen for 2 devices
     assert {"pre_finetune/val_acc", "post_finetune/val_acc", "dense/val_acc"} <= set(result["metrics"])
 
 
@@ -198,9 +209,9 @@ def test_missing_cifar_dir(tmp_path, no_training, capsys):
 
 def test_missing_imagenet_dir(tmp_path, no_training):
     (tmp_path / "train").mkdir()
-    args = resnet50_parser().parse_args(["--data-dir", str(tmp_path), "--weights", "none"])
+    config = resnet50_parser().parse(["--data-dir", str(tmp_path), "--weights", "none"])
     with pytest.raises(FileNotFoundError, match=r"missing \[.*val'\].*'train/' and 'val/'"):
-        recipes.run_resnet50(args)
+        recipes.run_resnet50(config)
 
 
 def test_mismatched_weights_file(tmp_path, no_training, capsys):
@@ -220,10 +231,10 @@ def test_dense_ckpt_of_other_width(tmp_path, no_training):
 
     ckpt = tmp_path / "w32.pt"
     torch.save(resnet20(width=32).state_dict(), ckpt)
-    args = resnet20_parser().parse_args(["--dense-ckpt", str(ckpt), "--width", "16"])
+    config = resnet20_parser().parse(["--dense-ckpt", str(ckpt), "--width", "16"])
     with pytest.raises(ValueError, match=r"w32\.pt.*shape mismatches: .*conv1\.weight: file \(32, 3, 3, 3\) vs model "
                                          r"\(16, 3, 3, 3\)"):
-        recipes.run_resnet20(args)
+        recipes.run_resnet20(config)
 
 
 def test_unknown_method_and_bad_options(tmp_path, no_training, capsys):
@@ -232,18 +243,35 @@ def test_unknown_method_and_bad_options(tmp_path, no_training, capsys):
     assert e.value.code == 2 and "invalid choice: 'random'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         resnet20_main(["--density", "1.5"])
-    assert "density must be in (0, 1]" in capsys.readouterr().err
+    assert "density must be a number in (0, 1], got '1.5'" in capsys.readouterr().err
     assert resnet20_main(["--method", "wanda"]) == 2
-    assert "--calibration-batches" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "method 'wanda' needs calibration data" in err and "--calibration-batches" in err
     assert resnet20_main(["--factorization-options", '{"no_such_option": 1}']) == 2
     assert "no_such_option" in capsys.readouterr().err
 
 
 def test_image_size_is_checked_before_training(no_training, capsys):
     assert resnet20_main(["--dataset", "cifar10", "--image-size", "16"]) == 2
-    assert "--image-size 16 applies to --dataset digits only" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "data: image_size 16 applies to dataset 'digits' only" in err and "(see --dataset, --image-size)" in err
     assert resnet20_main(["--image-size", "4"]) == 2
-    assert "--image-size must be >= 8" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "data: image_size must be an int >= 8 (the digits are 8x8), got 4 (see --image-size)" in err
+    assert resnet20_main(["--max-epochs", "0"]) == 2
+    assert "finetune: max_epochs must be an int >= 1, got 0 (see --max-epochs)" in capsys.readouterr().err
+
+
+def test_errors_while_training_keep_their_traceback(tmp_path, monkeypatch):
+    """Only parsing and prepare() count as bad input (exit status 2); an error in fit propagates."""
+    def fit(*a, **k):
+        raise ValueError("raised inside training")
+
+    monkeypatch.setattr(pl.Trainer, "fit", fit)
+    with pytest.raises(ValueError, match="raised inside training"):
+        resnet20_main(["--dense-epochs", "1", "--num-workers", "0", "--accelerator", "cpu", "--wandb", "off",
+                       "--output-dir", str(tmp_path / "out"), "--no-progress-bar"])
+    assert (tmp_path / "out" / "config.yaml").is_file()  # written before training
 
 
 def test_imagenet_weights_without_network_say_what_to_do(tmp_path, no_training, monkeypatch):
@@ -264,6 +292,58 @@ def test_help_reads_like_documentation(capsys):
         assert e.value.code == 0
     out = capsys.readouterr().out
     assert "(default: dsf)" in out and "160 epochs" in out and "train/ and val/" in out and "(default: 0.01)" in out
+    assert "--print-config" in out and "--no-progress-bar" in out and "(default: 160)" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# the run config: flags, YAML files, --print-config
+# ------------------------------------------------------------------------------------------------
+FLAGS20 = ["--calibration-batches", "2", "--density", "0.3", "--seed", "4", "--dense-milestones", "5", "7",
+           "--nesterov", "--no-progress-bar", "--devices", "auto", "--factorization-options", '{"outer_iters": 3}']
+
+
+def test_print_config_round_trips_through_config(tmp_path, no_training, capsys):
+    for main, parser, flags in ((resnet20_main, resnet20_parser, FLAGS20),
+                                (resnet50_main, resnet50_parser, ["--weights", "none", "--lr", "0.2"])):
+        with pytest.raises(SystemExit) as e:
+            main(["--print-config", *flags])
+        assert e.value.code == 0
+        printed = capsys.readouterr().out
+        (tmp_path / "run.yaml").write_text(printed)
+        config = parser().parse(flags)
+        assert parser().parse(["--config", str(tmp_path / "run.yaml")]) == config
+        assert yaml.safe_load(printed) == config.to_dict()
+    config = resnet20_parser().parse(FLAGS20)
+    assert config.run.seed == config.prune.seed == 4 and config.dense.milestones == (5, 7)  # --seed sets both
+    assert config.prune.family == "vision" and config.run.devices == "auto" and not config.run.progress_bar
+    assert ResNet20Config.from_dict(config.to_dict()) == config
+
+
+def test_flags_override_the_config_file(tmp_path):
+    (tmp_path / "run.yaml").write_text("prune:\n  density: 0.3\n  method: magnitude\nfinetune:\n  lr: 1e-4\n"
+                                       "  max_epochs: 7\nrun:\n  seed: 2\n")
+    config = resnet20_parser().parse(["--config", str(tmp_path / "run.yaml"), "--max-epochs", "9", "--density", "0.2"])
+    assert config.prune.density == 0.2 and config.finetune.max_epochs == 9  # the flags win
+    assert config.prune.method == "magnitude" and config.finetune.lr == 1e-4 and config.run.seed == 2  # the file
+    assert config.finetune.batch_size == 128 and config.dense.epochs == 160  # the defaults
+    assert config.prune.seed == 0  # only --seed sets both seeds; the file set run.seed alone
+
+
+def test_bad_config_files_are_clear_errors(tmp_path, no_training, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prune:\n  densty: 0.2\n")
+    assert resnet20_main(["--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key(s) ['prune.densty']" in err and "'density'" in err and str(bad) in err
+    bad.write_text("trainer:\n  devices: 2\n")
+    assert resnet20_main(["--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "['trainer']" in err and "'run'" in err
+    bad.write_text("finetune:\n  lr: fast\n")
+    assert resnet20_main(["--config", str(bad)]) == 2
+    assert "finetune.lr must be a float, got 'fast' (see --lr)" in capsys.readouterr().err
+    assert resnet20_main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "--config: no such file" in capsys.readouterr().err
 
 
 def test_wandb_credentials_detection(tmp_path, monkeypatch):
