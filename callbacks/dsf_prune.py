@@ -56,6 +56,7 @@ from dsf_lightning.pruning import (
     unbuild_structure,
 )
 from dsf_lightning.report import PruneReport
+from dsf_lightning.sequential import prune_blocks
 from dsf_lightning.structure import CHECKPOINT_KEY, structure_spec
 
 __all__ = ["DSFPruneCallback"]
@@ -214,22 +215,30 @@ class DSFPruneCallback(Callback):
         plan, cfg = self._plan, self.config
         rank, world_size = world()
         start = time.perf_counter()
+        executor = distributed_executor(self.progress) if world_size > 1 else None
+        report = PruneReport(method=cfg.method, family=plan.family, density=cfg.density, skipped=plan.skipped)
         with isolate_rng():
             torch.manual_seed(cfg.seed)
-            grams, counts = None, {}
-            if cfg.calibrated:
-                grams, counts = self._grams(trainer, pl_module, plan)
-            plan = self._plan = allocate_densities(plan, grams)
-            jobs = layer_jobs(plan, grams)
-            if world_size > 1:
-                results = distributed_executor(self.progress)(jobs)
+            if cfg.sequential:  # fills block after block: no way back to the dense layers from here
+                self._filling = True
+                report.layers, report.calibration_tokens, report.working_set_bytes = prune_blocks(
+                    pl_module, plan, self._batches(trainer), forward=self._forward(trainer), executor=executor,
+                    progress=self.progress and trainer.is_global_zero)
             else:
-                results = solve_serially(jobs, self.progress and trainer.is_global_zero)
-            jobs.clear()
-            report = PruneReport(method=cfg.method, family=plan.family, density=cfg.density, skipped=plan.skipped,
-                                 calibration_tokens=counts)
-            self._filling = True  # from here on the modules hold factors: no way back to the dense layers
-            report.layers = install(pl_module, plan, results)
+                grams = None
+                if cfg.calibrated:
+                    rec = record_grams(pl_module, plan.targets, self._batches(trainer), self._forward(trainer))
+                    accs = all_reduce_grams(rec.accumulators, trainer.strategy.root_device) if world_size > 1 \
+                        else rec.accumulators
+                    grams = {n: a.gram for n, a in accs.items()}
+                    report.calibration_tokens = {n: a.count for n, a in accs.items()}
+                plan = self._plan = allocate_densities(plan, grams)
+                jobs = layer_jobs(plan, grams)
+                results = executor(jobs) if executor is not None else \
+                    solve_serially(jobs, self.progress and trainer.is_global_zero)
+                jobs.clear()
+                self._filling = True  # from here on the modules hold factors: no way back to the dense layers
+                report.layers = install(pl_module, plan, results)
         report.seconds = time.perf_counter() - start
         self.owned_layers = [r.name for r in report.layers if r.rank in (None, rank)]
         self.factorization_runs += 1
@@ -237,22 +246,18 @@ class DSFPruneCallback(Callback):
         self._pruned = True
         self._log_report(trainer, report)
 
-    def _grams(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-               plan: PrunePlan) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        """Mean input Grams over ``calibration_batches`` batches of this rank, all-reduced across ranks."""
+    def _batches(self, trainer: pl.Trainer) -> Iterable:
+        """This rank's ``calibration_batches`` calibration batches (a loader without a ``DistributedSampler``
+        is sharded: rank r takes batches r, r + W, ...)."""
         loader = self.calibration_loader if self.calibration_loader is not None else self._train_loader(trainer)
         rank, world_size = world()
         if self.calibration_loader is not None and world_size > 1 and not _is_sharded(loader):
-            loader = islice(loader, rank, None, world_size)  # rank r takes batches r, r + W, ...
+            loader = islice(loader, rank, None, world_size)
+        return islice(loader, self.config.calibration_batches)
 
-        def forward(module: nn.Module, batch: Any) -> Any:
-            return self.calibration_forward(module, trainer.strategy.batch_to_device(batch))
-
-        rec = record_grams(pl_module, plan.targets, loader, forward, limit=self.config.calibration_batches)
-        accs = rec.accumulators
-        if world_size > 1:
-            accs = all_reduce_grams(accs, trainer.strategy.root_device)
-        return {n: a.gram for n, a in accs.items()}, {n: a.count for n, a in accs.items()}
+    def _forward(self, trainer: pl.Trainer) -> Callable[[nn.Module, Any], Any]:
+        """``calibration_forward`` on batches moved by the strategy (the module's transfer hooks included)."""
+        return lambda module, batch: self.calibration_forward(module, trainer.strategy.batch_to_device(batch))
 
     def _train_loader(self, trainer: pl.Trainer) -> Iterable:
         """The trainer's train dataloader, prepared as Lightning prepares it (DDP sampler included)."""
@@ -298,14 +303,11 @@ class DSFPruneCallback(Callback):
         return out
 
     def _recalibrate_bn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        def forward(module: nn.Module, batch: Any) -> Any:
-            return self.calibration_forward(module, trainer.strategy.batch_to_device(batch))
-
         def batches() -> Iterable:  # the train loader is only set up when there is a BatchNorm
             yield from self._train_loader(trainer)
 
         with isolate_rng():
-            if not recalibrate_batchnorm(pl_module, batches(), forward, self.bn_recalibration_batches):
+            if not recalibrate_batchnorm(pl_module, batches(), self._forward(trainer), self.bn_recalibration_batches):
                 rank_zero_debug("DSFPruneCallback: no BatchNorm; nothing to recalibrate")
 
     def _log_report(self, trainer: pl.Trainer, report: PruneReport) -> None:

@@ -50,6 +50,9 @@ class PruneConfig:
             detects it from the model.
         calibration_batches: ``0``: data-free projection (``G = I``); ``N > 0``: layer-wise with input
             Grams over ``N`` batches; ``None``: every batch of the calibration data given.
+        sequential: calibrate decoder blocks one after the other, each on the outputs of the pruned
+            blocks before it (:mod:`~dsf_lightning.sequential`; LLMs), instead of all targets in one pass
+            of the dense model. Needs calibration data.
         forward_mode: of the DSF modules: ``"auto"``, ``"fused"`` or ``"sequential"``.
         balance_norms: balance the two factors' norms per rank channel after pruning (paper 4.4).
         seed: seeds the RNG while calibrating and factorizing, and is DSF's ``seed`` option (of the
@@ -66,6 +69,7 @@ class PruneConfig:
     exclude: Sequence[str] | None = None
     family: Family | None = None
     calibration_batches: int | None = 0
+    sequential: bool = False
     forward_mode: ForwardMode = "auto"
     balance_norms: bool = True
     seed: int = 0
@@ -89,6 +93,11 @@ class PruneConfig:
         if method.needs_gram and self.calibration_batches == 0:
             raise ValueError(f"method {self.method!r} needs calibration data: set calibration_batches > 0 "
                              f"(or None to use every batch given)")
+        if self.sequential and not self.calibrated:
+            raise ValueError("sequential=True prunes layer-wise block by block: set calibration_batches > 0 (or None)")
+        if self.sequential and self.allocation != "uniform":
+            raise ValueError(f"allocation {self.allocation!r} needs every layer's input norms before the first "
+                             f"block is pruned; with sequential=True only 'uniform' is supported")
         if self.forward_mode not in FORWARD_MODES:
             raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {self.forward_mode!r}")
         if not isinstance(self.balance_norms, bool):

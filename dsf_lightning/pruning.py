@@ -390,18 +390,26 @@ def prune(
                          f"{'given' if given else 'not given'}: 0 means data-free, None or N > 0 layer-wise")
     plan = plan_prune(model, config)
     start = time.perf_counter()
-    counts: dict[str, int] = {}
+    report = PruneReport(method=config.method, family=plan.family, density=config.density, skipped=plan.skipped)
+    if config.sequential:
+        if calibration is None:
+            raise ValueError("sequential=True records Grams block by block: pass calibration=<batches>, not grams")
+        from dsf_lightning.sequential import prune_blocks  # imports Lightning's batch mover
+
+        report.layers, report.calibration_tokens, report.working_set_bytes = prune_blocks(
+            model, plan, islice(calibration, config.calibration_batches), forward=forward, executor=executor,
+            progress=progress)
+        report.seconds = time.perf_counter() - start
+        return report
     if calibration is not None:
         rec = record_grams(model, plan.targets, calibration, forward, limit=config.calibration_batches)
-        grams, counts = rec.grams, rec.counts
+        grams, report.calibration_tokens = rec.grams, rec.counts
     plan = allocate_densities(plan, grams)
     jobs = layer_jobs(plan, grams)
     try:
         results = executor(jobs) if executor is not None else solve_serially(jobs, progress)
     finally:
         jobs.clear()  # the float32 copies of the weights
-    report = PruneReport(method=config.method, family=plan.family, density=config.density, skipped=plan.skipped,
-                         calibration_tokens=counts)
     report.layers = install(model, plan, results)
     report.seconds = time.perf_counter() - start
     return report

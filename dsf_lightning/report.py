@@ -46,6 +46,8 @@ class PruneReport:
     skipped: dict[str, str] = field(default_factory=dict)
     calibration_tokens: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    #: the sequential pipeline's largest working set (activations, one block's Grams and jobs), bytes
+    working_set_bytes: int | None = None
 
     @property
     def nnz(self) -> int:
@@ -73,6 +75,7 @@ class PruneReport:
             "mean_relative_error": sum(rel) / len(rel) if rel else math.nan,
             "mean_error_vs_magnitude": sum(ratio) / len(ratio) if ratio else math.nan,
             "seconds": self.seconds,
+            **({"working_set_bytes": self.working_set_bytes} if self.working_set_bytes is not None else {}),
         }
 
     def to_rows(self) -> list[dict[str, Any]]:

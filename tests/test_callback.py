@@ -214,6 +214,16 @@ def test_llama_layerwise_calibration_csv(tmp_path):
     assert "dense/val_loss" not in got  # log_dense=False
 
 
+def test_llama_sequential_calibration(tmp_path):
+    cb = DSFPruneCallback(0.4, calibration_batches=2, sequential=True, factorization_options=FAST, progress=False)
+    module = LlamaModule()
+    trainer(tmp_path, [cb]).fit(module, tokens(), tokens())
+    assert len(cb.report.layers) == 14 and cb.report.working_set_bytes > 0
+    assert all(c == 2 * 4 * 16 for c in cb.report.calibration_tokens.values())
+    assert {"pre_finetune/val_loss", "post_finetune/val_ppl"} <= set(cb.metrics)
+    assert all(m.nnz <= r.budget for r in cb.report.layers for m in [module.get_submodule(r.name)])
+
+
 def _resume_module() -> ResNetModule:
     pl.seed_everything(0)
     return ResNetModule()
