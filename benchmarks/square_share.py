@@ -66,7 +66,7 @@ def main() -> None:
             print(f"| {shape[0]}x{shape[1]} | {n} | " + " | ".join(f"{sum(v) / n:.3f}" for v in cols.values()) + " |")
         means = [sum(sum(c[r]) for c in by_shape.values()) / len(targets) for r in rules]
         best = min(range(len(rules)), key=lambda i: means[i])
-        print("| mean | {} | ".format(len(targets)) + " | ".join(
+        print(f"| mean | {len(targets)} | " + " | ".join(
             f"**{m:.3f}**" if i == best else f"{m:.3f}" for i, m in enumerate(means)) + " |")
         if not all(math.isfinite(m) for m in means):
             raise SystemExit("non-finite error")

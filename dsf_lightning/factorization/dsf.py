@@ -12,7 +12,8 @@ Budget: ``nnz(second) + nnz(first) <= floor(density * out * fan_in)``, always.
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
