@@ -37,6 +37,7 @@ from dataclasses import replace
 
 import lightning.pytorch as pl
 
+from dsf_lightning.allocation import ALLOCATIONS
 from dsf_lightning.config import PruneConfig
 from dsf_lightning.recipes import (
     RECIPE_METHODS,
@@ -48,6 +49,7 @@ from dsf_lightning.recipes import (
     ResNet20ModelConfig,
     RunConfig,
     build_prune_callback,
+    load_weights_file,
     prune_and_finetune,
     train_dense,
 )
@@ -59,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, ResNe
     p.add_argument("--methods", nargs="+", default=["dsf", "magnitude"], choices=RECIPE_METHODS,
                    help="methods to compare, each from the same dense weights (default: dsf magnitude)")
     p.add_argument("--density", type=float, default=0.1, help="kept fraction per pruned layer (default: 0.1)")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
+                   help="how the density is spread over the layers (default: uniform, every layer at --density; "
+                        "global: the model-wide budget, equal marginal error per nonzero)")
     p.add_argument("--dense-epochs", type=int, default=30, help="dense training epochs (default: 30)")
     p.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs per method (default: 2)")
     p.add_argument("--width", type=int, choices=(16, 32), default=32,
@@ -77,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, ResNe
                    help="W&B logging (default: auto = offline without credentials)")
     p.add_argument("--output-dir", default=os.path.join("lightning_logs", "demo"),
                    help="where the dense weights are saved (default: lightning_logs/demo)")
+    p.add_argument("--dense-weights", default=None,
+                   help="start from these dense weights (a state dict an earlier run saved under --output-dir) "
+                        "instead of training them")
     opts = p.parse_args(argv)
     try:
         opts.factorization_options = json.loads(opts.factorization_options)
@@ -98,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, ResNe
 def _prune(opts: argparse.Namespace, method: str) -> PruneConfig:
     # the DSF options would be unknown options of the baselines
     return PruneConfig(density=opts.density, method=method, family="vision", seed=opts.seed,
+                       allocation=opts.allocation,
                        factorization_options=opts.factorization_options if method == "dsf" else {})
 
 
@@ -122,10 +131,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     dense = ImageClassifier(backbone, dm.num_classes, lr=config.dense.lr, momentum=ft.momentum,
                             weight_decay=ft.weight_decay, lr_schedule="step", milestones=config.dense.schedule())
     t = time.perf_counter()
-    dense_metrics = train_dense(config, dense, dm, model=model, dataset="digits", epochs=config.dense.epochs,
-                                save_to=os.path.join(opts.output_dir, f"{model}-dense-s{config.run.seed}.pt"))
-    print(f"dense: {config.dense.epochs} epochs in {time.perf_counter() - t:.0f}s, "
-          f"val_acc {100 * dense_metrics.get('val_acc', float('nan')):.2f}%", flush=True)
+    if opts.dense_weights is not None:
+        load_weights_file(backbone, opts.dense_weights, "--dense-weights")
+        print(f"dense: weights from {opts.dense_weights}", flush=True)
+    else:
+        dense_metrics = train_dense(config, dense, dm, model=model, dataset="digits", epochs=config.dense.epochs,
+                                    save_to=os.path.join(opts.output_dir, f"{model}-dense-s{config.run.seed}.pt"))
+        print(f"dense: {config.dense.epochs} epochs in {time.perf_counter() - t:.0f}s, "
+              f"val_acc {100 * dense_metrics.get('val_acc', float('nan')):.2f}%", flush=True)
     dense_state = copy.deepcopy(backbone.state_dict())
 
     results: dict[str, dict[str, float]] = {}
@@ -150,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     print(f"\nResNet-20 (width {opts.width}) on scikit-learn digits ({opts.image_size}x{opts.image_size}, 360 val "
           f"images), val top-1 accuracy %, "
           f"seed {config.run.seed}; {config.dense.epochs} dense + {ft.max_epochs} fine-tuning epochs, "
-          f"data-free pruning")
+          f"data-free pruning, {opts.allocation} allocation")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for method, m in results.items():
