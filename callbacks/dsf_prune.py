@@ -244,7 +244,7 @@ class DSFPruneCallback(Callback):
         self.factorization_runs += 1
         self.report = report
         self._pruned = True
-        self._log_report(trainer, report)
+        self._log_report(trainer, report, model=type(pl_module).__name__)
 
     def _batches(self, trainer: pl.Trainer) -> Iterable:
         """This rank's ``calibration_batches`` calibration batches (a loader without a ``DistributedSampler``
@@ -310,7 +310,7 @@ class DSFPruneCallback(Callback):
             if not recalibrate_batchnorm(pl_module, batches(), self._forward(trainer), self.bn_recalibration_batches):
                 rank_zero_debug("DSFPruneCallback: no BatchNorm; nothing to recalibrate")
 
-    def _log_report(self, trainer: pl.Trainer, report: PruneReport) -> None:
+    def _log_report(self, trainer: pl.Trainer, report: PruneReport, model: str) -> None:
         # "layers"/"skipped" are counts; renamed so they do not collide with the "dsf/layers" table
         renamed = {"layers": "layers_pruned", "skipped": "layers_skipped"}
         totals = {f"dsf/{renamed.get(k, k)}": float(v) for k, v in report.totals().items()}
@@ -322,6 +322,8 @@ class DSFPruneCallback(Callback):
         rows = report.to_rows()
         if not trainer.is_global_zero or not rows:
             return
+        for lg in trainer.loggers:  # the prune's config as hyperparameters: filters on W&B, dsf-compare's key
+            lg.log_hyperparams({"dsf": {**self.config.to_dict(), "model": model}})
         columns = list(rows[0])
         for lg in trainer.loggers:
             if type(lg).__name__ == "WandbLogger":

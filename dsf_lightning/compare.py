@@ -1,0 +1,145 @@
+"""Comparing runs: metric by model, method and density (mean +- std over seeds) as a table and as plots.
+
+    python -m dsf_lightning.compare lightning_logs/ wandb/       # or the console command dsf-compare
+    dsf-compare runs/ --metric val_acc --plot-dir plots/
+
+Runs are read by :func:`dsf_lightning.runs.find_runs` (recipe ``results.json`` files, Lightning CSV
+logs, offline W&B runs) and grouped by model, method, density and allocation. For every metric the
+table has one row per group and one column per stage (dense, before fine-tuning, after BatchNorm
+recalibration, after fine-tuning); a stage no run of the group reached shows as ``-`` (the group is
+kept). Each plot shows the metric against density, one line per method, before and after fine-tuning,
+with the dense model as a dashed line: the layout of the paper's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dsf_lightning.runs import STAGES, RunRecord, find_runs
+
+__all__ = ["default_metrics", "group", "main", "markdown_table", "plot"]
+
+STAGE_TITLES = {"dense": "dense", "pre_finetune": "before FT", "bn_recalibrated": "BN-recalibrated",
+                "post_finetune": "after FT"}
+
+
+def default_metrics(records: Sequence[RunRecord]) -> list[str]:
+    """``val_acc`` where the runs have it, and every perplexity (``ppl/<eval text>``) they have."""
+    names = {m for r in records for stage in r.metrics.values() for m in stage}
+    return (["val_acc"] if "val_acc" in names else []) + sorted(m for m in names if m.startswith("ppl/"))
+
+
+def group(records: Sequence[RunRecord]) -> dict[tuple[str, str, float, str], list[RunRecord]]:
+    """Runs by ``(model, method, density, allocation)``, sorted."""
+    out: dict[tuple[str, str, float, str], list[RunRecord]] = {}
+    for r in records:
+        out.setdefault(r.key, []).append(r)
+    return dict(sorted(out.items()))
+
+
+def _scale(metric: str) -> float:
+    return 100.0 if metric.endswith("acc") or metric.endswith("acc5") else 1.0
+
+
+def _stats(runs: Sequence[RunRecord], stage: str, metric: str) -> tuple[float, float, int] | None:
+    vals = [r.metrics[stage][metric] * _scale(metric) for r in runs if metric in r.metrics.get(stage, {})]
+    if not vals:
+        return None
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)
+
+
+def markdown_table(records: Sequence[RunRecord], metric: str) -> str:
+    """One markdown table of ``metric`` (accuracies in %): a row per group, a column per stage."""
+    groups = group(records)
+    stages = [s for s in STAGES if any(_stats(runs, s, metric) for runs in groups.values())]
+    lines = [f"{metric}{' (%)' if _scale(metric) == 100 else ''}, mean +- std over seeds (n):",
+             "| model | method | density | allocation | " + " | ".join(STAGE_TITLES[s] for s in stages) + " |",
+             "|---|---|---:|---|" + "---:|" * len(stages)]
+    for (model, method, density, allocation), runs in groups.items():
+        cells = []
+        for s in stages:
+            st = _stats(runs, s, metric)
+            cells.append("-" if st is None else f"{st[0]:.2f} +- {st[1]:.2f} ({st[2]})")
+        lines.append(f"| {model} | {method} | {density:g} | {allocation} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(records: Sequence[RunRecord], metric: str, path: str | Path, model: str) -> Path:
+    """``metric`` against density for ``model``'s runs, one line per method (and allocation), before and
+    after fine-tuning side by side, the dense model dashed; written as a PNG to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in records if r.model == model]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, stage in zip(axes, ("pre_finetune", "post_finetune")):
+        lines: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+        for (_, method, density, allocation), members in group(runs).items():
+            st = _stats(members, stage, metric)
+            if st is not None:
+                lines.setdefault((method, allocation), []).append((density, st[0], st[1]))
+        for (method, allocation), pts in sorted(lines.items()):
+            xs, ys, es = zip(*sorted(pts))
+            label = method if allocation == "uniform" else f"{method} ({allocation})"
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
+        dense = [st[0] for members in group(runs).values() if (st := _stats(members, "dense", metric))]
+        if dense:
+            ax.axhline(statistics.fmean(dense), linestyle="--", color="gray", label="dense")
+        ax.set_title(f"{model}: {STAGE_TITLES[stage]}")
+        ax.set_xlabel("density")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(metric + (" (%)" if _scale(metric) == 100 else ""))
+    if metric.startswith("ppl/"):
+        axes[0].set_yscale("log")
+    axes[1].legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``dsf-compare``: print the tables of the runs under the given paths and write the plots."""
+    p = argparse.ArgumentParser(prog="dsf-compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", help="files or folders to search for runs (recursively)")
+    p.add_argument("--metric", action="append", default=None,
+                   help="metric to compare (repeatable; default: val_acc and every perplexity the runs have)")
+    p.add_argument("--plot-dir", default="compare", help="where the PNG plots go (default: ./compare)")
+    p.add_argument("--no-plots", action="store_true", help="print the tables only")
+    args = p.parse_args(argv)
+    try:
+        records = find_runs(args.paths)
+    except ValueError as e:
+        print(f"dsf-compare: error: {e}", file=sys.stderr)
+        return 2
+    metrics = args.metric or default_metrics(records)
+    if not metrics:
+        print("dsf-compare: error: the runs hold no metric to compare (val_acc or ppl/<text>); pass --metric",
+              file=sys.stderr)
+        return 2
+    print(f"{len(records)} runs in {len(group(records))} groups\n")
+    for metric in metrics:
+        print(markdown_table(records, metric) + "\n")
+        if not args.no_plots:
+            for model in sorted({r.model for r in records}):
+                if any(metric in s for r in records if r.model == model for s in r.metrics.values()):
+                    out = plot(records, metric, Path(args.plot_dir) / f"{_safe(model)}-{_safe(metric)}.png", model)
+                    print(f"plot: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Reading finished runs back from disk: recipe ``results.json`` files, Lightning CSV logs, offline W&B runs.
+
+Every source becomes a :class:`RunRecord`: who the run was (model, method, density, allocation, seed) and
+its metrics by stage (``dense``, ``pre_finetune``, ``bn_recalibrated``, ``post_finetune``), e.g.
+``{"post_finetune": {"val_acc": 0.93}}``; language-model perplexities are ``{"ppl/<eval text>": ...}``.
+
+* ``results.json`` of the recipes: the ``identity`` header (written by every recipe) names the run;
+  vision recipes keep their metrics as ``{"metrics": {"<stage>/<name>": value}}``, the LLM recipe as
+  ``{"perplexity": {"<stage>": {"<eval text>": value}}}``.
+* Lightning CSV logs (``metrics.csv`` beside ``hparams.yaml``) of any ``Trainer`` with
+  ``DSFPruneCallback``: the callback logs its config and the module's class as the ``dsf``
+  hyperparameters.
+* Offline W&B runs (``wandb/offline-run-*/run-*.wandb``) of the recipes (their config holds the
+  ``identity``): read from the file's record log, as wandb has no public reader for offline runs; a
+  run that also has a ``results.json`` is taken from there.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["STAGES", "RunRecord", "find_runs", "read_results_json", "read_wandb_file"]
+
+#: The stages a pruned run is evaluated at, in order.
+STAGES = ("dense", "pre_finetune", "bn_recalibrated", "post_finetune")
+
+
+@dataclass
+class RunRecord:
+    """One finished run: identity and ``{stage: {metric: value}}``."""
+
+    model: str
+    method: str
+    density: float
+    seed: int | None
+    allocation: str = "uniform"
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, float, str]:
+        """What runs are grouped by: everything but the seed."""
+        return self.model, self.method, self.density, self.allocation
+
+
+def _stage_metrics(flat: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """``{"pre_finetune/val_acc": 0.9, ...}`` -> ``{"pre_finetune": {"val_acc": 0.9}}`` (known stages only)."""
+    out: dict[str, dict[str, float]] = {}
+    for k, v in flat.items():
+        stage, _, name = str(k).partition("/")
+        if stage in STAGES and name and isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.setdefault(stage, {})[name] = float(v)
+    return out
+
+
+def read_results_json(path: Path) -> RunRecord:
+    """A recipe's ``results.json`` (see the module docstring); ``ValueError`` if it names no run."""
+    data = json.loads(Path(path).read_text())
+    identity = data.get("identity")
+    if not isinstance(identity, dict):
+        raise ValueError(f"{path}: no 'identity' header (model, method, density, seed): not written by a recipe")
+    metrics = _stage_metrics(data.get("metrics") or {})
+    for stage, values in (data.get("perplexity") or {}).items():
+        if stage in STAGES and isinstance(values, dict):
+            metrics.setdefault(stage, {}).update({f"ppl/{n}": float(v) for n, v in values.items()})
+    return _record(identity, metrics, path)
+
+
+def _record(identity: dict[str, Any], metrics: dict[str, dict[str, float]], source: Path) -> RunRecord:
+    return RunRecord(model=str(identity["model"]), method=str(identity["method"]),
+                     density=float(identity["density"]), seed=identity.get("seed"),
+                     allocation=str(identity.get("allocation", "uniform")), metrics=metrics, source=str(source))
+
+
+def _read_csv_log(path: Path) -> RunRecord | None:
+    """A Lightning ``metrics.csv`` whose ``hparams.yaml`` holds the callback's ``dsf`` config, else ``None``."""
+    import yaml
+
+    hparams_file = path.parent / "hparams.yaml"
+    hparams = yaml.safe_load(hparams_file.read_text()) if hparams_file.exists() else None
+    dsf = (hparams or {}).get("dsf")
+    if not isinstance(dsf, dict):
+        return None
+    last: dict[str, float] = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            last.update({k: float(v) for k, v in row.items() if v not in ("", None) and k})
+    return _record(dsf, _stage_metrics(last), path)
+
+
+def read_wandb_file(path: Path) -> dict[str, Any]:
+    """``{"history": {key: last value}, "config": {...}, "run": {name, group, project, tags}, "exited"}``
+    of an offline ``.wandb`` file: its LevelDB-log framing (7-byte header, 32 KiB blocks, records
+    ``crc32 u32, len u16, type u8``) of wandb's protobuf ``Record`` s."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
+    out: dict[str, Any] = {"history": {}, "config": {}, "run": {}, "exited": False}
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, typ = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and typ == 0:
+            pos += left
+            continue
+        payload = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        buf = payload if typ in (1, 2) else buf + payload
+        if typ in (1, 4):  # a full record, or the last piece of one
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            kind = rec.WhichOneof("record_type")
+            items = (rec.history.item if kind == "history" else rec.config.update if kind == "config"
+                     else rec.run.config.update if kind == "run" else ())
+            target = out["history"] if kind == "history" else out["config"]
+            for it in items:
+                target[it.key or "/".join(it.nested_key)] = json.loads(it.value_json)
+            if kind == "exit":
+                out["exited"] = True
+            elif kind == "run":
+                r = rec.run
+                out["run"] = {"name": r.display_name, "group": r.run_group, "project": r.project,
+                              "tags": list(r.tags), "job_type": r.job_type}
+            buf = b""
+    return out
+
+
+def _read_wandb_run(path: Path) -> RunRecord | None:
+    rec = read_wandb_file(path)
+    identity = rec["config"].get("identity")
+    if not isinstance(identity, dict):
+        return None  # not a recipe's prune run (e.g. a dense training run)
+    return _record(identity, _stage_metrics(rec["history"]), path)
+
+
+def find_runs(paths: list[str | Path]) -> list[RunRecord]:
+    """Every run record under ``paths`` (files or folders, searched recursively). A run with a
+    ``results.json`` is read from it, and its W&B copy (same identity and seed) is skipped. ``ValueError``
+    naming the paths when none holds a run."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise ValueError(f"{p}: no such file or folder")
+        files += [p] if p.is_file() else sorted(p.rglob("*"))
+    records = [read_results_json(f) for f in files if f.name == "results.json"]
+    have = {(r.key, r.seed) for r in records}
+    for f in files:
+        if f.name == "metrics.csv" and (r := _read_csv_log(f)) is not None:
+            records.append(r)
+        elif f.suffix == ".wandb" and f.name.startswith("run-") and (r := _read_wandb_run(f)) is not None:
+            if (r.key, r.seed) not in have:
+                records.append(r)
+    if not records:
+        raise ValueError(f"no runs under {[str(p) for p in paths]}: expected recipe results.json files, Lightning "
+                         f"CSV logs of a Trainer with DSFPruneCallback, or offline W&B runs (wandb/offline-run-*)")
+    return records

@@ -1,0 +1,96 @@
+"""dsf-compare: runs read back from results.json files and Lightning CSV logs, grouped, tabled, plotted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dsf_lightning.compare import main, markdown_table
+from dsf_lightning.runs import find_runs
+
+
+def _results(path, model, method, density, seed, metrics=None, perplexity=None, allocation="uniform"):
+    path.mkdir(parents=True, exist_ok=True)
+    identity = dict(model=model, method=method, density=density, seed=seed, allocation=allocation)
+    body = {"identity": identity, "config": {}}
+    if metrics is not None:
+        body["metrics"] = metrics
+    if perplexity is not None:
+        body["perplexity"] = perplexity
+    (path / "results.json").write_text(json.dumps(body))
+
+
+def test_groups_means_and_missing_stages(tmp_path, capsys):
+    for seed, acc in ((0, 0.80), (1, 0.90)):
+        _results(tmp_path / f"dsf{seed}", "r20", "dsf", 0.1, seed,
+                 {"dense/val_acc": 0.95, "pre_finetune/val_acc": acc, "post_finetune/val_acc": acc + 0.05})
+    _results(tmp_path / "mag", "r20", "magnitude", 0.1, 0, {"dense/val_acc": 0.95, "pre_finetune/val_acc": 0.3})
+    _results(tmp_path / "llm", "smollm2", "dsf", 0.5, 0,
+             perplexity={"dense": {"wiki": 20.0}, "pre_finetune": {"wiki": 26.0}, "post_finetune": {"wiki": 24.0}})
+    records = find_runs([tmp_path])
+    assert len(records) == 4
+    table = markdown_table(records, "val_acc")
+    assert "| r20 | dsf | 0.1 | uniform | 95.00 +- 0.00 (2) | 85.00 +- 7.07 (2) | 90.00 +- 7.07 (2) |" in table
+    # the magnitude run never reached fine-tuning: shown as missing, not dropped
+    assert "| r20 | magnitude | 0.1 | uniform | 95.00 +- 0.00 (1) | 30.00 +- 0.00 (1) | - |" in table
+    assert main([str(tmp_path), "--plot-dir", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    assert "ppl/wiki" in out and "| smollm2 | dsf | 0.5 | uniform | 20.00" in out
+    assert (tmp_path / "plots" / "r20-val_acc.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "smollm2-ppl_wiki.png").stat().st_size > 0
+
+
+def test_no_runs_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("nothing here")
+    assert main([str(tmp_path)]) == 2
+    assert "no runs under" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    bad = tmp_path / "other" / "results.json"
+    bad.parent.mkdir()
+    bad.write_text(json.dumps({"metrics": {}}))
+    with pytest.raises(ValueError, match="no 'identity' header"):
+        find_runs([bad])
+
+
+def test_callback_runs_in_csv_logs(tmp_path, capsys):
+    pl = pytest.importorskip("lightning.pytorch")
+    import torch.nn.functional as F
+    from lightning.pytorch.loggers import CSVLogger
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dsf_lightning import DSFPruneCallback
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_acc", (self.net(batch[0]).argmax(1) == batch[1]).float().mean())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)),
+                      batch_size=16)
+    for method in ("dsf", "magnitude"):
+        for density in (0.3, 0.5):
+            cb = DSFPruneCallback(density, method, family="vision", log_dense=True, progress=False,
+                                  factorization_options={"outer_iters": 2} if method == "dsf" else None)
+            pl.Trainer(accelerator="cpu", max_epochs=1, logger=CSVLogger(tmp_path), callbacks=[cb],
+                       enable_progress_bar=False, enable_model_summary=False,
+                       enable_checkpointing=False).fit(Net(), data, data)
+    records = find_runs([tmp_path])
+    assert sorted((r.method, r.density) for r in records) == [("dsf", 0.3), ("dsf", 0.5), ("magnitude", 0.3),
+                                                              ("magnitude", 0.5)]
+    assert all(r.model == "Net" and set(r.metrics) == {"dense", "pre_finetune", "post_finetune"} for r in records)
+    assert main([str(tmp_path), "--plot-dir", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "Net-val_acc.png").exists()
