@@ -102,6 +102,7 @@ def admm_masked_lstsq(
     fixed_mask: Tensor | None = None,
     iters: int = 5,
     mask_iters: int = 2,
+    gradual: bool = True,
     rho: float = 1.0,
     rho0: float | None = None,
     per_column: bool = False,
@@ -118,7 +119,10 @@ def admm_masked_lstsq(
         fixed_mask: ``(p, q)`` bool support to keep instead of selecting one.
         iters: ADMM iterations after the first step.
         mask_iters: the mask is reselected from ``|X + U|`` in the first ``mask_iters``
-            iterations on a cubic schedule ending at ``nnz``, then frozen (gradual pruning).
+            iterations, then frozen.
+        gradual: reselect on a cubic schedule ending at ``nnz`` (gradual pruning, for a cold
+            start from a dense ``X``); ``False`` keeps exactly ``nnz`` at every reselection (for a
+            warm start whose ``z`` already has ``nnz`` entries, as in Algorithm 1's alternating steps).
         rho: ADMM penalty of every step but the first.
         rho0: penalty of the first step (annealing: a small ``rho0`` trusts the warm start
             less); defaults to ``rho``.
@@ -158,8 +162,9 @@ def admm_masked_lstsq(
     for it in range(iters):
         xu = x.add_(u)  # x is rebuilt by addmm below: reuse its storage
         if fixed_mask is None and it < mask_iters:
-            keep = round(total * (1.0 - cubic_sparsity(it + 1, mask_iters, final_sparsity)))
-            mask = topk_mask(xu.abs(), nnz if it + 1 == mask_iters else keep, per_column)
+            last = it + 1 == mask_iters or not gradual
+            keep = nnz if last else round(total * (1.0 - cubic_sparsity(it + 1, mask_iters, final_sparsity)))
+            mask = topk_mask(xu.abs(), keep, per_column)
             off = (~mask).to(x.dtype)
         # z = mask*(x+u); u <- u + x - z = (x+u) off the mask; z - u = (x+u) - 2u.
         # Multiplies by a float mask: several times cheaper than where/masked_fill on CPU.

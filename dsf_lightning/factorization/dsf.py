@@ -85,9 +85,12 @@ def square_factor_nnz(
     return nnz
 
 
-def rho0_schedule(k: int, outer_iters: int) -> float:
-    """Annealed first-step penalty ``rho_0 = min(1, k / (n - 3))^3`` of Algorithm 1 (k = 1..n)."""
-    return min(1.0, k / max(1, outer_iters - 3)) ** 3
+def rho0_schedule(k: int, outer_iters: int, settle: int = 1) -> float:
+    """Annealed first-step penalty ``rho_0 = min(1, k / (n - settle))^3`` of Algorithm 1 (k = 1..n).
+
+    The paper uses ``settle = 3`` (``rho_0`` reaches 1 four iterations before the end); DSF's default
+    ``settle = 1`` spends two more iterations annealing (measurements in benchmarks/RESULTS.md)."""
+    return min(1.0, k / max(1, outer_iters - settle)) ** 3
 
 
 def random_square_mask(r: int, nnz: int, seed: int, device: torch.device | str | None = None) -> Tensor:
@@ -162,9 +165,13 @@ def finalize_second(
 
 def _alternate(
     m: Tensor, sq_nnz: int, other_nnz: int, sq_mask: Tensor | None, *,
-    outer_iters: int, inner_iters: int, mask_iters: int, damping: float,
+    outer_iters: int, inner_iters: int, mask_iters: int, damping: float, settle: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Algorithm 1 on ``M ~= sq @ other`` (``sq`` (n, n), ``other`` (n, m)); returns both and their masks."""
+    """Algorithm 1 on ``M ~= sq @ other`` (``sq`` (n, n), ``other`` (n, m)); returns both and their masks.
+
+    Every step is warm-started from the previous factor, which already has its nonzero count, so
+    each ADMM call reselects the mask at exactly that count (``gradual=False``), never on a ramp
+    that would first let it grow."""
     n = m.shape[0]
     sq = torch.eye(n, dtype=m.dtype, device=m.device)
     if sq_mask is not None:
@@ -173,13 +180,13 @@ def _alternate(
     u_sq, u_other = torch.zeros_like(sq), torch.zeros_like(other)
     mask_sq = sq_mask
     for k in range(1, outer_iters + 1):
-        rho0 = rho0_schedule(k, outer_iters)
+        rho0 = rho0_schedule(k, outer_iters, settle)
         sol = admm_masked_lstsq(sq.T @ sq, sq.T @ m, other_nnz, z=other, u=u_other, iters=inner_iters,
-                                mask_iters=mask_iters, rho0=rho0, damping=damping)
+                                mask_iters=mask_iters, gradual=False, rho0=rho0, damping=damping)
         other, u_other, mask_other = sol.z, sol.u, sol.mask
         # sq-step on the transposed problem ||other^T sq^T - M^T||: the variable is sq^T.
         sol = admm_masked_lstsq(other @ other.T, other @ m.T, sq_nnz, z=sq.T, u=u_sq.T, iters=inner_iters,
-                                mask_iters=mask_iters, rho0=rho0, damping=damping,
+                                mask_iters=mask_iters, gradual=False, rho0=rho0, damping=damping,
                                 fixed_mask=None if sq_mask is None else sq_mask.T)
         sq, u_sq, mask_sq = sol.z.T, sol.u.T, sol.mask.T
     return sq, other, mask_sq, mask_other
@@ -195,8 +202,8 @@ def double_sparse_factorize(
     input_norm_scaling: bool | None = None,
     finalize: Sequence[Side] | None = None,
     outer_iters: int = 40,
-    inner_iters: int = 5,
-    mask_iters: int = 2,
+    inner_iters: int = 2,
+    mask_iters: int = 1,
     fixed_mask: bool = False,
     seed: int = 0,
     damping: float = 1e-2,
@@ -223,7 +230,7 @@ def double_sparse_factorize(
         finalize: override: the factors to refit on fixed masks with the Gram (``"first"`` via the
             Sylvester solve, ``"second"`` by masked regression). Needs ``gram``.
         outer_iters, inner_iters: Algorithm 1's ``n`` and ``m``.
-        mask_iters: inner iterations that reselect the mask (cubic ramp) before freezing it.
+        mask_iters: inner iterations that reselect the mask (at the factor's nnz) before freezing it.
         fixed_mask: the paper's "one mask fix": the square factor's mask is random, from
             ``seed`` and its shape only, so every layer of that shape shares it.
         seed: seed of the fixed mask.
