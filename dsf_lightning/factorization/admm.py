@@ -151,8 +151,11 @@ def admm_masked_lstsq(
     # The warm start may be a transposed view (DSF's A-step): make the loop's operands
     # row-major like the matmul output, or every elementwise pass runs strided.
     z, u = z.contiguous(), u.contiguous()
-    x = torch.cholesky_solve(rhs_n + rho0 * (z - u), _ridge_cholesky(gram_n, rho0))
+    # Both penalties' systems as explicit SPD inverses: every solve is then one GEMM, which is
+    # faster than the two triangular solves of cholesky_solve over the (p, q) right-hand side.
     inv = torch.cholesky_inverse(_ridge_cholesky(gram_n, rho))  # reused by every iteration
+    inv0 = inv if rho0 == rho else torch.cholesky_inverse(_ridge_cholesky(gram_n, rho0))
+    x = inv0 @ (rhs_n + rho0 * (z - u))
 
     mask = fixed_mask
     mask_iters = min(mask_iters, iters)  # the last reselection must land exactly on nnz
