@@ -367,3 +367,18 @@ def test_warm_started_mask_reselection_keeps_the_count():
     warm = admm_masked_lstsq(gram, rhs, 40, iters=6, mask_iters=3)
     sol = admm_masked_lstsq(gram, rhs, 40, z=warm.z, u=warm.u, iters=3, mask_iters=2, gradual=False)
     assert int(sol.mask.sum()) == 40 and bool((sol.z[~sol.mask] == 0).all())
+
+
+def test_topk_mask_band_selection_is_exact():
+    """The CPU band shortcut of large selections keeps exactly the k largest, also with ties and
+    when the band misses (falls back to plain topk)."""
+    gen = torch.Generator().manual_seed(16)
+    x = torch.randn(300, 400, generator=gen).abs()
+    for k in (1, 500, 30_000, 119_999):
+        mask = topk_mask(x, k)
+        assert int(mask.sum()) == k
+        assert float(x[mask].min()) >= float(x[~mask].max())
+    ties = torch.zeros(300, 400)
+    ties[:10] = 1.0
+    mask = topk_mask(ties, 2500)
+    assert int(mask.sum()) == 2500 and bool(mask[:10].sum() == 2500)
