@@ -82,20 +82,25 @@ def topk_mask(scores: Tensor, k: int, per_column: bool = False) -> Tensor:
         if mask is not None:
             return mask.view_as(scores)
     mask = torch.zeros(numel, dtype=torch.bool, device=scores.device)
-    if k > 0:
-        mask[scores.flatten().topk(k, sorted=False).indices] = True
+    if k > 0:  # index_fill_: about 2x faster than an indexed assignment on the CPU
+        mask.index_fill_(0, scores.flatten().topk(k, sorted=False).indices, True)
     return mask.view_as(scores)
 
 
 def _band_topk_mask(flat: Tensor, k: int, sample: int = 16384) -> Tensor | None:
     """The ``k`` largest of ``flat`` (1-D): entries above a high threshold are in, a ``topk`` over the
     band between a low and the high threshold picks the rest. Both thresholds are quantiles of a
-    strided sample, ``4`` standard errors either side of the target one; ``None`` (the caller runs a
+    deterministic spread sample, ``4`` standard errors either side of the target one; ``None`` (the caller runs a
     plain ``topk``) when the band misses the ``k``-th value. The result is exact either way; on the
     CPU it is 2-3x faster than ``topk`` over the whole matrix (two compares and a short ``topk``)."""
     n = flat.numel()
-    samp = flat[:: max(1, n // sample)]
-    s = samp.numel()
+    # A golden-ratio stride coprime with n: a plain stride can align with the matrix's columns (a
+    # 3x3 conv's fan-in is a multiple of 9) and sample one kernel position only.
+    step = max(1, round(n * 0.6180339887))
+    while math.gcd(step, n) != 1:
+        step += 1
+    s = min(sample, n)
+    samp = flat[torch.arange(s, device=flat.device).mul_(step).remainder_(n)]
     q = k / n
     delta = 4.0 * math.sqrt(q * (1.0 - q) / s) + 2.0 / s
     lo = samp.kthvalue(min(s, max(1, math.floor((1.0 - q - delta) * s)))).values
@@ -108,7 +113,7 @@ def _band_topk_mask(flat: Tensor, k: int, sample: int = 16384) -> Tensor | None:
     if need > band.numel():
         return None
     if need > 0:
-        mask[band[flat[band].topk(need, sorted=False).indices]] = True
+        mask.index_fill_(0, band[flat[band].topk(need, sorted=False).indices], True)
     return mask
 
 
