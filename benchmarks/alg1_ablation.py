@@ -17,7 +17,8 @@ plain ``topk`` masks) in which every difference from the reference code can be s
 * ``init_fraction``: the other factor's magnitude-pruned start keeps this fraction of its budget (the
   reference LLM script: 0.5);
 * ``square_T``: a square ``W`` is transposed first (the reference), so its square factor is ``first``;
-* ``damping``: the relative ridge; ``outer``: ``n``.
+* ``damping``: the relative ridge; ``outer``: ``n``;
+* ``anneal``: which steps get the annealed ``rho_0`` (``both``, ``other``, ``sq``); the others use 1.
 
 Data-free projection of SmolLM2-135M block-15 matrices (``benchmarks/real_weights.py``) with the
 paper's split (``square_share="llm"``); prints ``||W - S F||^2 / ||W||^2`` per matrix and variant, and
@@ -92,7 +93,8 @@ def admm(gram, rhs, nnz, z, u, *, iters=5, mask_iters=2, rho0=1.0, damping=1e-2,
 
 
 def alternate(w, sq_nnz, other_nnz, *, outer=40, inner=5, mask_iters=2, damping=1e-2, order="other_first", k0=1,
-              ramp="cubic", ret="library", init_fraction=1.0, square_T=False, power=3.0, lag=3, inner_other=None):
+              ramp="cubic", ret="library", init_fraction=1.0, square_T=False, power=3.0, lag=3, inner_other=None,
+              anneal="both"):
     out, fan_in = w.shape
     transposed = out > fan_in or (square_T and out == fan_in)
     m = w.T if transposed else w
@@ -106,9 +108,11 @@ def alternate(w, sq_nnz, other_nnz, *, outer=40, inner=5, mask_iters=2, damping=
         for step in steps:
             if step == "other":
                 iters = inner if inner_other is None else inner_other
-                other, uo = admm(sq.T @ sq, sq.T @ m, other_nnz, other, uo, rho0=rho0, iters=iters, **kw)
+                r0 = rho0 if anneal in ("both", "other") else 1.0
+                other, uo = admm(sq.T @ sq, sq.T @ m, other_nnz, other, uo, rho0=r0, iters=iters, **kw)
             else:
-                s, us = admm(other @ other.T, other @ m.T, sq_nnz, sq.T, usq.T, rho0=rho0, iters=inner, **kw)
+                r0 = rho0 if anneal in ("both", "sq") else 1.0
+                s, us = admm(other @ other.T, other @ m.T, sq_nnz, sq.T, usq.T, rho0=r0, iters=inner, **kw)
                 sq, usq = s.T, us.T
     return (other.T, sq.T) if transposed else (sq, other)
 

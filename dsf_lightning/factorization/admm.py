@@ -182,7 +182,9 @@ def admm_masked_lstsq(
 
     # Precondition: unit diagonal, X scaled up by the input norms (Boža 2024).
     norm = gram.diagonal().sqrt() + EPS
-    gram_n = damped(gram / norm[:, None] / norm[None, :], damping)
+    gram_n = gram / (norm[:, None] * norm[None, :])
+    if damping > 0:  # damped(), in place on the fresh preconditioned Gram
+        gram_n.diagonal().add_(damping * gram_n.diagonal().mean().clamp_min(EPS))
     rhs_n = rhs / norm[:, None]
     scale = norm[:, None]
     z = torch.zeros_like(rhs_n) if z is None else z * scale
@@ -195,7 +197,7 @@ def admm_masked_lstsq(
     # faster than the two triangular solves of cholesky_solve over the (p, q) right-hand side.
     inv = torch.cholesky_inverse(_ridge_cholesky(gram_n, rho))  # reused by every iteration
     inv0 = inv if rho0 == rho else torch.cholesky_inverse(_ridge_cholesky(gram_n, rho0))
-    x = inv0 @ (rhs_n + rho0 * (z - u))
+    x = inv0 @ torch.add(rhs_n, z.sub_(u), alpha=rho0)  # z is a fresh scaled copy: reuse it
 
     mask = fixed_mask
     mask_iters = min(mask_iters, iters)  # the last reselection must land exactly on nnz
