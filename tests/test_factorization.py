@@ -172,7 +172,7 @@ def test_auto_split_gives_the_square_factor_a_shrinking_share_of_a_growing_budge
     assert 1 <= nnz < budget
 
 
-SPLITS = ["auto", "vision", "llm", 0.3, 1.0]
+SPLITS = ["auto", "vision", "llm", 0.3, 1.0, None]
 
 
 @pytest.mark.parametrize("split", SPLITS)
@@ -183,7 +183,7 @@ def test_budget_holds_exactly_under_every_split(split, shape, density):
     out, fan_in = shape
     budget = nnz_budget(density, out * fan_in)
     try:
-        square_nnz = square_factor_nnz(split, density, out, fan_in)
+        square_nnz = square_factor_nnz("auto" if split is None else split, density, out, fan_in)
     except ValueError:  # the rule leaves nothing for the other factor: refused, never silently changed
         with pytest.raises(ValueError, match="leaving none for the other factor"):
             double_sparse_factorize(torch.randn(*shape), density, square_share=split)
@@ -195,7 +195,7 @@ def test_budget_holds_exactly_under_every_split(split, shape, density):
     assert int(square_mask.sum()) == square_nnz == res.info["square_nnz"]
     assert int(other_mask.sum()) == budget - square_nnz == res.info["other_nnz"]
     assert res.nnz == budget == res.info["budget"]
-    assert res.info["square_share"] == (split if isinstance(split, str) else float(split))
+    assert res.info["square_share"] == ("auto" if split is None else split if isinstance(split, str) else float(split))
     assert res.info["square_fraction"] == square_nnz / budget
     assert bool((res.first[~res.first_mask] == 0).all()) and bool((res.second[~res.second_mask] == 0).all())
 

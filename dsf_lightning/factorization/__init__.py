@@ -98,7 +98,8 @@ def _low_rank(out: int, fan_in: int, density: float, options: Mapping[str, Any],
 
 
 def _dsf_split(out: int, fan_in: int, density: float, options: Mapping[str, Any], name: str | None) -> None:
-    square_factor_nnz(options.get("square_share", "auto"), density, out, fan_in, name)
+    share = options.get("square_share")
+    square_factor_nnz("auto" if share is None else share, density, out, fan_in, name)
 
 
 METHODS: dict[str, Method] = {

@@ -231,7 +231,7 @@ def double_sparse_factorize(
     gram: Tensor | None = None,
     *,
     preset: Preset = "vision",
-    square_share: float | SplitRule = "auto",
+    square_share: float | SplitRule | None = "auto",
     input_norm_scaling: bool | None = None,
     finalize: Sequence[Side] | None = None,
     outer_iters: int = 40,
@@ -259,7 +259,7 @@ def double_sparse_factorize(
         square_share: how the budget is split between the factors (:func:`square_factor_nnz`):
             ``"auto"`` (:func:`auto_square_fraction`), the fixed rules ``"vision"`` (30% of the
             budget) or ``"llm"`` (the paper's 0.16 / 0.25 of ``r^2``), or the square ``(r, r)``
-            factor's own density as a number.
+            factor's own density as a number; ``None`` means ``"auto"``.
         input_norm_scaling: override: project ``W diag(||X_j||)`` and scale ``first`` back.
         finalize: override: the factors to refit on fixed masks with the Gram (``"first"`` via the
             Sylvester solve, ``"second"`` by masked regression). Needs ``gram``.
@@ -293,6 +293,7 @@ def double_sparse_factorize(
     if min(outer_iters, inner_iters, mask_iters, finalize_rounds) < 1:
         raise ValueError(f"{where(name)}outer_iters, inner_iters, mask_iters and finalize_rounds must be >= 1, "
                          f"got {outer_iters}, {inner_iters}, {mask_iters}, {finalize_rounds}")
+    square_share = "auto" if square_share is None else square_share
     square_nnz = square_factor_nnz(square_share, density, out, fan_in, name)
     other_nnz = budget - square_nnz
 
