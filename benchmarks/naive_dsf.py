@@ -2,9 +2,11 @@
 
 Written the way reference research code does it: every inner ADMM call forms two explicit
 inverses with ``torch.inverse`` (one for ``rho``, one for the annealed first-step ``rho0``), and
-each mask step thresholds ``|X + U|`` by a full ``sort``. Same hyperparameters and same math as
-:func:`dsf_lightning.factorization.double_sparse_factorize` with ``gram=None`` (preset
-``"vision"``), so both compute the same factors up to ties and float noise:
+each mask step thresholds ``|X + U|`` by a full ``sort``. Same hyperparameters and same math as the
+library's loop *before* issue 10 (``double_sparse_factorize`` up to commit ``91cde57``, preset
+``"vision"``, 30% split), so both computed the same factors up to ties and float noise; the library
+has since changed its loop (``benchmarks/RESULTS.md``) and :mod:`topk_dsf` is the baseline that
+follows the reference code:
 
 * ``M ~= A @ B`` with ``A`` (n, n), ``B`` (n, m), ``n <= m`` (``W`` transposed when out > fan_in);
 * ``A`` starts as the identity, ``B`` as the magnitude-pruned ``M``; duals start at zero;

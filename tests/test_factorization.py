@@ -10,6 +10,7 @@ import torch
 from dsf_lightning import double_sparse_factorize, factorize, reconstruction_error
 from dsf_lightning.factorization import (
     METHODS,
+    auto_square_fraction,
     admm_masked_lstsq,
     finalize_first,
     finalize_second,
@@ -146,7 +147,7 @@ def test_budget_holds_for_every_shape_and_density(shape, density, share):
 
 @pytest.mark.parametrize("out,fan_in,density", [(32, 288, 0.1), (64, 32, 0.1), (128, 1152, 0.2), (64, 64, 0.02),
                                                  (32, 288, 0.5), (1, 40, 0.5)])
-def test_vision_preset_gives_the_square_factor_30_percent_of_the_budget(out, fan_in, density):
+def test_vision_rule_gives_the_square_factor_30_percent_of_the_budget(out, fan_in, density):
     budget = nnz_budget(density, out * fan_in)
     r = min(out, fan_in)
     nnz = square_factor_nnz("vision", density, out, fan_in)
@@ -156,10 +157,47 @@ def test_vision_preset_gives_the_square_factor_30_percent_of_the_budget(out, fan
     else:
         assert abs(nnz - 0.3 * budget) <= 1
     assert nnz < budget
-    res = double_sparse_factorize(torch.randn(out, fan_in, generator=torch.Generator().manual_seed(1)), density,
-                                  outer_iters=2)
-    square = res.first if out > fan_in else res.second
-    assert int(square.count_nonzero()) <= nnz and res.nnz <= budget
+
+
+@pytest.mark.parametrize("density", [0.05, 0.1, 0.25, 0.5, 0.9])
+@pytest.mark.parametrize("shape", [(32, 288), (64, 32), (576, 576), (192, 576), (1536, 576), (1, 40)])
+def test_auto_split_gives_the_square_factor_a_shrinking_share_of_a_growing_budget(shape, density):
+    out, fan_in = shape
+    r, budget = min(shape), nnz_budget(density, out * fan_in)
+    frac = auto_square_fraction(density, out, fan_in)
+    assert 0 < frac < 0.5
+    assert auto_square_fraction(density / 2, out, fan_in) > frac  # a smaller budget: a larger share
+    nnz = square_factor_nnz("auto", density, out, fan_in)
+    assert nnz == min(r * r, max(1, math.floor(frac * budget)))
+    assert 1 <= nnz < budget
+
+
+SPLITS = ["auto", "vision", "llm", 0.3, 1.0, None]
+
+
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("shape,density", [((24, 40), 0.3), ((40, 24), 0.3), ((32, 32), 0.5), ((16, 144), 0.2),
+                                           ((64, 16), 0.6), ((30, 50), 1.0)])
+def test_budget_holds_exactly_under_every_split(split, shape, density):
+    """Every nonzero of the budget is spent, split exactly as the rule says and recorded in ``info``."""
+    out, fan_in = shape
+    budget = nnz_budget(density, out * fan_in)
+    try:
+        square_nnz = square_factor_nnz("auto" if split is None else split, density, out, fan_in)
+    except ValueError:  # the rule leaves nothing for the other factor: refused, never silently changed
+        with pytest.raises(ValueError, match="leaving none for the other factor"):
+            double_sparse_factorize(torch.randn(*shape), density, square_share=split)
+        return
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    res = double_sparse_factorize(w, density, square_share=split, outer_iters=3)
+    square_mask = res.first_mask if out > fan_in else res.second_mask
+    other_mask = res.second_mask if out > fan_in else res.first_mask
+    assert int(square_mask.sum()) == square_nnz == res.info["square_nnz"]
+    assert int(other_mask.sum()) == budget - square_nnz == res.info["other_nnz"]
+    assert res.nnz == budget == res.info["budget"]
+    assert res.info["square_share"] == ("auto" if split is None else split if isinstance(split, str) else float(split))
+    assert res.info["square_fraction"] == square_nnz / budget
+    assert bool((res.first[~res.first_mask] == 0).all()) and bool((res.second[~res.second_mask] == 0).all())
 
 
 def test_vision_square_share_beats_the_reference_rule_on_a_trained_like_conv():
@@ -168,7 +206,7 @@ def test_vision_square_share_beats_the_reference_rule_on_a_trained_like_conv():
     gen = torch.Generator().manual_seed(2)
     w = torch.randn(32, 6, generator=gen) @ torch.randn(6, 288, generator=gen)
     w += 3 * torch.randn(32, 288, generator=gen) * (torch.rand(32, 288, generator=gen) < 0.03)
-    new = double_sparse_factorize(w, 0.1).error
+    new = double_sparse_factorize(w, 0.1, square_share="vision").error
     old = double_sparse_factorize(w, 0.1, square_share=0.05).error
     assert new < 0.9 * old < 0.9 * factorize("magnitude", w, 0.1).error
 
@@ -282,7 +320,15 @@ def test_svd_baseline_is_the_eckart_young_optimum_at_equal_parameters():
         (lambda w, g: double_sparse_factorize(w, 0.5, g[:-1]), r"gram must be \(12, 12\)"),
         (lambda w, g: double_sparse_factorize(w * float("nan"), 0.5), "NaN or inf"),
         (lambda w, g: double_sparse_factorize(w, 0.5, g * float("inf")), "gram contains NaN or inf"),
-        (lambda w, g: double_sparse_factorize(w, 0.02, name="blocks.3.fc"), "blocks.3.fc.*square factor"),
+        (lambda w, g: double_sparse_factorize(w, 0.02, name="blocks.3.fc"), "blocks.3.fc.*two factors need at least 2"),
+        (lambda w, g: double_sparse_factorize(w, 0.005, name="fc"), "fc.*keeps no weight"),
+        (lambda w, g: double_sparse_factorize(w, 0.05, square_share="llm", name="fc"),
+         "fc.*square factor's share 0.25.*leaving none for the other factor"),
+        (lambda w, g: double_sparse_factorize(w, 0.5, square_share=0.9), "leaving none for the other factor"),
+        (lambda w, g: double_sparse_factorize(w, 0.5, square_share=0.0), r"square_share must be one of"),
+        (lambda w, g: double_sparse_factorize(w, 0.5, square_share="paper"), r"square_share must be one of"),
+        (lambda w, g: double_sparse_factorize(w, 1 / 96, name="fc"), "fc.*two factors need at least 2"),
+        (lambda w, g: double_sparse_factorize(w, -0.1), r"\(0, 1\]"),
         (lambda w, g: double_sparse_factorize(w, 0.5, preset="cnn"), "preset"),
         (lambda w, g: factorize("magnitud", w, 0.5), "unknown method 'magnitud'"),
         (lambda w, g: factorize("wanda", w, 0.5), "wanda needs calibration data"),
@@ -292,3 +338,47 @@ def test_bad_input_gives_a_clear_value_error(call, match):
     w, g = torch.randn(8, 12), torch.eye(12)
     with pytest.raises(ValueError, match=match):
         call(w, g)
+
+
+def test_topk_baseline_is_the_reference_sort_algorithm_exactly():
+    """benchmarks/topk_dsf.py only swaps the reference code's full sort for topk: in float64 (distinct
+    scores) both give the same factors, so the speed baseline is the reference algorithm, not a weaker one."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from topk_dsf import sort_keep_mask, topk_dsf
+
+    gen = torch.Generator().manual_seed(14)
+    for shape in [(24, 40), (40, 24), (32, 32)]:
+        w = torch.randn(*shape, generator=gen, dtype=D64)
+        sq = square_factor_nnz("llm", 0.4, *shape)
+        other = nnz_budget(0.4, w.numel()) - sq
+        s1, f1 = topk_dsf(w, sq, other, outer_iters=6)
+        s2, f2 = topk_dsf(w, sq, other, outer_iters=6, mask_fn=sort_keep_mask)
+        assert torch.equal(s1, s2) and torch.equal(f1, f2)
+        assert int((s1 != 0).sum() + (f1 != 0).sum()) <= nnz_budget(0.4, w.numel())
+
+
+def test_warm_started_mask_reselection_keeps_the_count():
+    """``gradual=False`` (DSF's alternating steps) keeps exactly ``nnz`` at every reselection."""
+    gen = torch.Generator().manual_seed(15)
+    gram, rhs = spd(20, gen), torch.randn(20, 8, generator=gen, dtype=D64)
+    warm = admm_masked_lstsq(gram, rhs, 40, iters=6, mask_iters=3)
+    sol = admm_masked_lstsq(gram, rhs, 40, z=warm.z, u=warm.u, iters=3, mask_iters=2, gradual=False)
+    assert int(sol.mask.sum()) == 40 and bool((sol.z[~sol.mask] == 0).all())
+
+
+def test_topk_mask_band_selection_is_exact():
+    """The CPU band shortcut of large selections keeps exactly the k largest, also with ties and
+    when the band misses (falls back to plain topk)."""
+    gen = torch.Generator().manual_seed(16)
+    x = torch.randn(300, 400, generator=gen).abs()
+    for k in (1, 500, 30_000, 119_999):
+        mask = topk_mask(x, k)
+        assert int(mask.sum()) == k
+        assert float(x[mask].min()) >= float(x[~mask].max())
+    ties = torch.zeros(300, 400)
+    ties[:10] = 1.0
+    mask = topk_mask(ties, 2500)
+    assert int(mask.sum()) == 2500 and bool(mask[:10].sum() == 2500)

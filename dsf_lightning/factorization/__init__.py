@@ -19,7 +19,9 @@ from dsf_lightning.factorization.admm import EPS, ADMMSolution, admm_masked_lsts
 from dsf_lightning.factorization.baselines import admm_prune, low_rank_svd, magnitude_prune, svd_rank, wanda_prune
 from dsf_lightning.factorization.dsf import (
     PRESETS,
+    SPLIT_RULES,
     VISION_SQUARE_FRACTION,
+    auto_square_fraction,
     double_sparse_factorize,
     finalize_first,
     finalize_second,
@@ -97,7 +99,7 @@ def _low_rank(out: int, fan_in: int, density: float, options: Mapping[str, Any],
 
 def _dsf_split(out: int, fan_in: int, density: float, options: Mapping[str, Any], name: str | None) -> None:
     share = options.get("square_share")
-    square_factor_nnz(options.get("preset", "vision") if share is None else share, density, out, fan_in, name)
+    square_factor_nnz("auto" if share is None else share, density, out, fan_in, name)
 
 
 METHODS: dict[str, Method] = {
@@ -131,12 +133,14 @@ __all__ = [
     "METHODS",
     "PRESETS",
     "RESERVED_OPTIONS",
+    "SPLIT_RULES",
     "VISION_SQUARE_FRACTION",
     "ADMMSolution",
     "Factorization",
     "Method",
     "admm_masked_lstsq",
     "admm_prune",
+    "auto_square_fraction",
     "check_budget",
     "check_density",
     "cubic_sparsity",

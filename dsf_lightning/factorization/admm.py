@@ -14,6 +14,7 @@ Everything stays on the device of ``gram``; no host round trips inside the loop.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,11 +53,16 @@ def cubic_sparsity(step: int, steps: int, final: float) -> float:
     return final - final * (1.0 - step / steps) ** 3
 
 
+#: Below this many scores (or on CUDA) :func:`topk_mask` calls ``topk`` directly.
+BAND_MIN_NUMEL = 1 << 16
+
+
 def topk_mask(scores: Tensor, k: int, per_column: bool = False) -> Tensor:
     """Bool mask of the ``k`` largest ``scores``: over the whole matrix, or in each column.
 
     Uses ``topk`` (a partial selection), never a full sort, and keeps exactly ``k`` entries
-    even when scores tie, so nnz budgets hold to the element.
+    even when scores tie, so nnz budgets hold to the element. Large whole-matrix selections on
+    the CPU first narrow ``topk`` to a band around the threshold (:func:`_band_topk_mask`).
     """
     if per_column:
         rows = scores.shape[0]
@@ -69,12 +75,46 @@ def topk_mask(scores: Tensor, k: int, per_column: bool = False) -> Tensor:
         return mask
     numel = scores.numel()
     k = max(0, min(k, numel))
-    mask = torch.zeros(numel, dtype=torch.bool, device=scores.device)
     if k == numel:
-        return mask.fill_(True).view_as(scores)
-    if k > 0:
-        mask[scores.flatten().topk(k, sorted=False).indices] = True
+        return torch.ones_like(scores, dtype=torch.bool)
+    if k > 0 and numel >= BAND_MIN_NUMEL and scores.device.type == "cpu":
+        mask = _band_topk_mask(scores.reshape(-1), k)
+        if mask is not None:
+            return mask.view_as(scores)
+    mask = torch.zeros(numel, dtype=torch.bool, device=scores.device)
+    if k > 0:  # index_fill_: about 2x faster than an indexed assignment on the CPU
+        mask.index_fill_(0, scores.flatten().topk(k, sorted=False).indices, True)
     return mask.view_as(scores)
+
+
+def _band_topk_mask(flat: Tensor, k: int, sample: int = 16384) -> Tensor | None:
+    """The ``k`` largest of ``flat`` (1-D): entries above a high threshold are in, a ``topk`` over the
+    band between a low and the high threshold picks the rest. Both thresholds are quantiles of a
+    deterministic spread sample, ``4`` standard errors either side of the target one; ``None`` (the caller runs a
+    plain ``topk``) when the band misses the ``k``-th value. The result is exact either way; on the
+    CPU it is 2-3x faster than ``topk`` over the whole matrix (two compares and a short ``topk``)."""
+    n = flat.numel()
+    # A golden-ratio stride coprime with n: a plain stride can align with the matrix's columns (a
+    # 3x3 conv's fan-in is a multiple of 9) and sample one kernel position only.
+    step = max(1, round(n * 0.6180339887))
+    while math.gcd(step, n) != 1:
+        step += 1
+    s = min(sample, n)
+    samp = flat[torch.arange(s, device=flat.device).mul_(step).remainder_(n)]
+    q = k / n
+    delta = 4.0 * math.sqrt(q * (1.0 - q) / s) + 2.0 / s
+    lo = samp.kthvalue(min(s, max(1, math.floor((1.0 - q - delta) * s)))).values
+    hi = samp.kthvalue(min(s, max(1, math.ceil((1.0 - q + delta) * s)))).values
+    mask = flat > hi
+    need = k - int(mask.sum())
+    if need < 0:
+        return None
+    band = ((flat > lo) & ~mask).nonzero().squeeze(1)
+    if need > band.numel():
+        return None
+    if need > 0:
+        mask.index_fill_(0, band[flat[band].topk(need, sorted=False).indices], True)
+    return mask
 
 
 def damped(gram: Tensor, damping: float) -> Tensor:
@@ -102,6 +142,7 @@ def admm_masked_lstsq(
     fixed_mask: Tensor | None = None,
     iters: int = 5,
     mask_iters: int = 2,
+    gradual: bool = True,
     rho: float = 1.0,
     rho0: float | None = None,
     per_column: bool = False,
@@ -118,7 +159,10 @@ def admm_masked_lstsq(
         fixed_mask: ``(p, q)`` bool support to keep instead of selecting one.
         iters: ADMM iterations after the first step.
         mask_iters: the mask is reselected from ``|X + U|`` in the first ``mask_iters``
-            iterations on a cubic schedule ending at ``nnz``, then frozen (gradual pruning).
+            iterations, then frozen.
+        gradual: reselect on a cubic schedule ending at ``nnz`` (gradual pruning, for a cold
+            start from a dense ``X``); ``False`` keeps exactly ``nnz`` at every reselection (for a
+            warm start whose ``z`` already has ``nnz`` entries, as in Algorithm 1's alternating steps).
         rho: ADMM penalty of every step but the first.
         rho0: penalty of the first step (annealing: a small ``rho0`` trusts the warm start
             less); defaults to ``rho``.
@@ -138,7 +182,9 @@ def admm_masked_lstsq(
 
     # Precondition: unit diagonal, X scaled up by the input norms (Boža 2024).
     norm = gram.diagonal().sqrt() + EPS
-    gram_n = damped(gram / norm[:, None] / norm[None, :], damping)
+    gram_n = gram / (norm[:, None] * norm[None, :])
+    if damping > 0:  # damped(), in place on the fresh preconditioned Gram
+        gram_n.diagonal().add_(damping * gram_n.diagonal().mean().clamp_min(EPS))
     rhs_n = rhs / norm[:, None]
     scale = norm[:, None]
     z = torch.zeros_like(rhs_n) if z is None else z * scale
@@ -147,8 +193,11 @@ def admm_masked_lstsq(
     # The warm start may be a transposed view (DSF's A-step): make the loop's operands
     # row-major like the matmul output, or every elementwise pass runs strided.
     z, u = z.contiguous(), u.contiguous()
-    x = torch.cholesky_solve(rhs_n + rho0 * (z - u), _ridge_cholesky(gram_n, rho0))
+    # Both penalties' systems as explicit SPD inverses: every solve is then one GEMM, which is
+    # faster than the two triangular solves of cholesky_solve over the (p, q) right-hand side.
     inv = torch.cholesky_inverse(_ridge_cholesky(gram_n, rho))  # reused by every iteration
+    inv0 = inv if rho0 == rho else torch.cholesky_inverse(_ridge_cholesky(gram_n, rho0))
+    x = inv0 @ torch.add(rhs_n, z.sub_(u), alpha=rho0)  # z is a fresh scaled copy: reuse it
 
     mask = fixed_mask
     mask_iters = min(mask_iters, iters)  # the last reselection must land exactly on nnz
@@ -158,8 +207,9 @@ def admm_masked_lstsq(
     for it in range(iters):
         xu = x.add_(u)  # x is rebuilt by addmm below: reuse its storage
         if fixed_mask is None and it < mask_iters:
-            keep = round(total * (1.0 - cubic_sparsity(it + 1, mask_iters, final_sparsity)))
-            mask = topk_mask(xu.abs(), nnz if it + 1 == mask_iters else keep, per_column)
+            last = it + 1 == mask_iters or not gradual
+            keep = nnz if last else round(total * (1.0 - cubic_sparsity(it + 1, mask_iters, final_sparsity)))
+            mask = topk_mask(xu.abs(), keep, per_column)
             off = (~mask).to(x.dtype)
         # z = mask*(x+u); u <- u + x - z = (x+u) off the mask; z - u = (x+u) - 2u.
         # Multiplies by a float mask: several times cheaper than where/masked_fill on CPU.

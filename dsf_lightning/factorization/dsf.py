@@ -30,7 +30,9 @@ from dsf_lightning.factorization.problem import (
 
 __all__ = [
     "PRESETS",
+    "SPLIT_RULES",
     "VISION_SQUARE_FRACTION",
+    "auto_square_fraction",
     "double_sparse_factorize",
     "finalize_first",
     "finalize_second",
@@ -43,52 +45,86 @@ __all__ = [
 Preset = Literal["vision", "llm"]
 #: DSF's hyperparameter sets (see :func:`double_sparse_factorize`).
 PRESETS: tuple[Preset, ...] = ("vision", "llm")
+SplitRule = Literal["auto", "vision", "llm"]
+#: Named rules for the split of a layer's budget between the factors (:func:`square_factor_nnz`).
+SPLIT_RULES: tuple[SplitRule, ...] = ("auto", "vision", "llm")
 Side = Literal["first", "second"]
 
-#: Share of a layer's nonzero budget that the ``"vision"`` preset gives the square factor.
+#: The ``"auto"`` split's constants (:func:`auto_square_fraction`).
+AUTO_F0, AUTO_X0 = 0.45, 2.5
+
+#: Share of a layer's nonzero budget that the ``"vision"`` split rule gives the square factor.
 VISION_SQUARE_FRACTION = 0.3
 
 
 def vision_square_share(density: float, out: int, fan_in: int, fraction: float = VISION_SQUARE_FRACTION) -> float:
-    """The ``"vision"`` preset's square-factor density: ``fraction`` of the ``(out, fan_in)``
+    """The ``"vision"`` rule's square-factor density: ``fraction`` of the ``(out, fan_in)``
     layer's budget spread over the ``(r, r)`` factor, capped at 1 (a dense square factor)."""
     r = min(out, fan_in)
     return min(1.0, fraction * nnz_budget(density, out * fan_in) / (r * r))
 
 
-def square_factor_nnz(
-    square_share: float | Preset, density: float, out: int, fan_in: int, name: str | None = None
-) -> int:
-    """Nonzeros of the square ``(r, r)`` factor: ``share * r^2``, at least 1.
+def auto_square_fraction(density: float, out: int, fan_in: int) -> float:
+    """The ``"auto"`` split: the share of an ``(out, fan_in)`` layer's budget that the square factor gets.
 
-    ``square_share`` is the square factor's own density, or a preset's rule: ``"llm"`` 0.16 for
-    square ``W``, 0.25 for rectangular (paper section 5.1); ``"vision"`` gives the square factor
-    :data:`VISION_SQUARE_FRACTION` of the layer's budget, capped at a dense ``(r, r)`` factor (a share
-    of ``r^2`` would ignore the aspect ratio; measurements in benchmarks/RESULTS.md, "Square-factor
-    share"). Raises ``ValueError`` when the square factor alone would take the whole budget.
+    With ``x = budget / r^2`` (the budget in units of a dense square factor,
+    ``density * max(out, fan_in) / min(out, fan_in)``), the square factor gets
+    ``AUTO_F0 / (1 + x / AUTO_X0)`` of the budget: 45% of a small budget, less as the budget
+    grows, so that the square factor's own density ``fraction * x`` rises with ``x`` and saturates
+    (it is capped at dense by :func:`square_factor_nnz`). Fitted to the best budget fraction of every
+    ResNet-20 conv shape at densities 0.05-0.5 and checked on SmolLM2 and MiniLM matrices
+    (benchmarks/RESULTS.md, "Split between the factors").
+    """
+    x = density * max(out, fan_in) / min(out, fan_in)
+    return AUTO_F0 / (1.0 + x / AUTO_X0)
+
+
+def square_factor_nnz(
+    square_share: float | SplitRule, density: float, out: int, fan_in: int, name: str | None = None
+) -> int:
+    """Nonzeros of the square ``(r, r)`` factor, at least 1; the other factor gets the rest of the budget.
+
+    ``square_share`` is the square factor's own density (a number in ``(0, 1]``, ``share * r^2``
+    nonzeros) or a rule: ``"auto"`` (the default of both presets) gives it
+    :func:`auto_square_fraction` of the layer's budget; ``"vision"`` :data:`VISION_SQUARE_FRACTION`
+    of the budget; ``"llm"`` is the paper's section 5.1 rule, a density of 0.16 for square ``W`` and
+    0.25 for rectangular. Budget-fraction rules are capped at a dense ``(r, r)`` factor.
+    Measurements of all three in benchmarks/RESULTS.md, "Split between the factors".
+
+    Raises ``ValueError`` for an unknown rule, or when the square factor alone would take the whole
+    budget (nothing left for the other factor).
     """
     r = min(out, fan_in)
+    budget = nnz_budget(density, out * fan_in)
+    if budget < 2:
+        raise ValueError(f"{where(name)}density {density} keeps {budget} weight(s) of a ({out}, {fan_in}) matrix, but "
+                         f"two factors need at least 2 nonzeros: use density >= {2 / (out * fan_in):.3g}")
     if square_share == "llm":
         share = 0.16 if out == fan_in else 0.25
     elif square_share == "vision":
         share = vision_square_share(density, out, fan_in)
+    elif square_share == "auto":
+        share = min(1.0, auto_square_fraction(density, out, fan_in) * budget / (r * r))
     elif isinstance(square_share, (int, float)) and not isinstance(square_share, bool) and 0 < square_share <= 1:
         share = float(square_share)
     else:
-        raise ValueError(f"square_share must be 'llm', 'vision' or a number in (0, 1], got {square_share!r}")
+        raise ValueError(f"{where(name)}square_share must be one of {SPLIT_RULES} or a number in (0, 1], "
+                         f"got {square_share!r}")
     nnz = max(1, math.floor(share * r * r))
-    budget = nnz_budget(density, out * fan_in)
     if nnz >= budget:
         raise ValueError(
             f"{where(name)}the square factor's share {share:.3g} of a ({r}, {r}) factor needs {nnz} nonzeros, "
-            f"but density {density} of ({out}, {fan_in}) allows only {budget} in total; pass a smaller "
-            f"square_share (< {budget / (r * r):.3g}) or a higher density")
+            f"but density {density} of ({out}, {fan_in}) allows only {budget} in total, leaving none for the "
+            f"other factor; pass a smaller square_share (< {budget / (r * r):.3g}), 'auto', or a higher density")
     return nnz
 
 
-def rho0_schedule(k: int, outer_iters: int) -> float:
-    """Annealed first-step penalty ``rho_0 = min(1, k / (n - 3))^3`` of Algorithm 1 (k = 1..n)."""
-    return min(1.0, k / max(1, outer_iters - 3)) ** 3
+def rho0_schedule(k: int, outer_iters: int, settle: int = 1) -> float:
+    """Annealed first-step penalty ``rho_0 = min(1, k / (n - settle))^3`` of Algorithm 1 (k = 1..n).
+
+    The paper uses ``settle = 3`` (``rho_0`` reaches 1 four iterations before the end); DSF's default
+    ``settle = 1`` spends two more iterations annealing (measurements in benchmarks/RESULTS.md)."""
+    return min(1.0, k / max(1, outer_iters - settle)) ** 3
 
 
 def random_square_mask(r: int, nnz: int, seed: int, device: torch.device | str | None = None) -> Tensor:
@@ -163,9 +199,13 @@ def finalize_second(
 
 def _alternate(
     m: Tensor, sq_nnz: int, other_nnz: int, sq_mask: Tensor | None, *,
-    outer_iters: int, inner_iters: int, mask_iters: int, damping: float,
+    outer_iters: int, inner_iters: int, mask_iters: int, damping: float, settle: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Algorithm 1 on ``M ~= sq @ other`` (``sq`` (n, n), ``other`` (n, m)); returns both and their masks."""
+    """Algorithm 1 on ``M ~= sq @ other`` (``sq`` (n, n), ``other`` (n, m)); returns both and their masks.
+
+    Every step is warm-started from the previous factor, which already has its nonzero count, so
+    each ADMM call reselects the mask at exactly that count (``gradual=False``), never on a ramp
+    that would first let it grow."""
     n = m.shape[0]
     sq = torch.eye(n, dtype=m.dtype, device=m.device)
     if sq_mask is not None:
@@ -174,13 +214,13 @@ def _alternate(
     u_sq, u_other = torch.zeros_like(sq), torch.zeros_like(other)
     mask_sq = sq_mask
     for k in range(1, outer_iters + 1):
-        rho0 = rho0_schedule(k, outer_iters)
+        rho0 = rho0_schedule(k, outer_iters, settle)
         sol = admm_masked_lstsq(sq.T @ sq, sq.T @ m, other_nnz, z=other, u=u_other, iters=inner_iters,
-                                mask_iters=mask_iters, rho0=rho0, damping=damping)
+                                mask_iters=mask_iters, gradual=False, rho0=rho0, damping=damping)
         other, u_other, mask_other = sol.z, sol.u, sol.mask
         # sq-step on the transposed problem ||other^T sq^T - M^T||: the variable is sq^T.
         sol = admm_masked_lstsq(other @ other.T, other @ m.T, sq_nnz, z=sq.T, u=u_sq.T, iters=inner_iters,
-                                mask_iters=mask_iters, rho0=rho0, damping=damping,
+                                mask_iters=mask_iters, gradual=False, rho0=rho0, damping=damping,
                                 fixed_mask=None if sq_mask is None else sq_mask.T)
         sq, u_sq, mask_sq = sol.z.T, sol.u.T, sol.mask.T
     return sq, other, mask_sq, mask_other
@@ -192,15 +232,15 @@ def double_sparse_factorize(
     gram: Tensor | None = None,
     *,
     preset: Preset = "vision",
-    square_share: float | Preset | None = None,
+    square_share: float | SplitRule | None = "auto",
     input_norm_scaling: bool | None = None,
     finalize: Sequence[Side] | None = None,
     outer_iters: int = 40,
-    inner_iters: int = 5,
-    mask_iters: int = 2,
+    inner_iters: int = 2,
+    mask_iters: int = 1,
     fixed_mask: bool = False,
     seed: int = 0,
-    damping: float = 1e-2,
+    damping: float = 3e-2,
     finalize_iters: int = 20,
     finalize_rounds: int = 1,
     finalize_damping: float = 1e-4,
@@ -213,23 +253,26 @@ def double_sparse_factorize(
         density: kept fraction in ``(0, 1]``.
         gram: ``(fan_in, fan_in)`` mean calibration Gram ``X^T X / N`` for layer-wise pruning;
             ``None`` for data-free projection (``G = I``).
-        preset: the hyperparameter set. ``"vision"``: the square factor gets
-            :data:`VISION_SQUARE_FRACTION` of the budget (:func:`square_factor_nnz`), no input-norm
-            scaling. ``"llm"``: the paper's share (0.16 square / 0.25 rectangular), Wanda-style
-            input-norm scaling. Both finalize both factors with the Gram (the paper finalizes only
-            ``second`` for LLMs; ``finalize=("second",)`` gives that; measurements in
-            benchmarks/RESULTS.md).
-        square_share: override of the square ``(r, r)`` factor's own density.
+        preset: the hyperparameter set. ``"vision"``: no input-norm scaling. ``"llm"``: Wanda-style
+            input-norm scaling. Both split the budget by the ``"auto"`` rule and finalize both
+            factors with the Gram (the paper finalizes only ``second`` for LLMs;
+            ``finalize=("second",)`` gives that; measurements in benchmarks/RESULTS.md).
+        square_share: how the budget is split between the factors (:func:`square_factor_nnz`):
+            ``"auto"`` (:func:`auto_square_fraction`), the fixed rules ``"vision"`` (30% of the
+            budget) or ``"llm"`` (the paper's 0.16 / 0.25 of ``r^2``), or the square ``(r, r)``
+            factor's own density as a number; ``None`` means ``"auto"``.
         input_norm_scaling: override: project ``W diag(||X_j||)`` and scale ``first`` back.
         finalize: override: the factors to refit on fixed masks with the Gram (``"first"`` via the
             Sylvester solve, ``"second"`` by masked regression). Needs ``gram``.
         outer_iters, inner_iters: Algorithm 1's ``n`` and ``m``.
-        mask_iters: inner iterations that reselect the mask (cubic ramp) before freezing it.
+        mask_iters: inner iterations that reselect the mask (at the factor's nnz) before freezing it.
         fixed_mask: the paper's "one mask fix": the square factor's mask is random, from
             ``seed`` and its shape only, so every layer of that shape shares it.
         seed: seed of the fixed mask.
         damping: relative ridge on the Grams of Algorithm 1's alternating steps, whose
-            annealed first step (``rho_0 -> 0``) is otherwise singular for sparse factors.
+            annealed first step (``rho_0 -> 0``) is otherwise singular for sparse factors; too
+            small a ridge lets that step blow up at low densities (measurements in
+            benchmarks/RESULTS.md).
         finalize_iters: ADMM iterations of each finalization.
         finalize_rounds: passes over the ``finalize`` factors.
         finalize_damping: relative ridge of the finalization, small because its ADMM penalty already
@@ -244,7 +287,6 @@ def double_sparse_factorize(
     if preset not in PRESETS:
         raise ValueError(f"{where(name)}preset must be one of {PRESETS}, got {preset!r}")
     out, fan_in = weight.shape
-    square_share = preset if square_share is None else square_share
     scaling = (preset == "llm") if input_norm_scaling is None else input_norm_scaling
     finalize = tuple(("first", "second") if finalize is None else finalize) if gram is not None else ()
     if not set(finalize) <= {"first", "second"}:
@@ -252,6 +294,7 @@ def double_sparse_factorize(
     if min(outer_iters, inner_iters, mask_iters, finalize_rounds) < 1:
         raise ValueError(f"{where(name)}outer_iters, inner_iters, mask_iters and finalize_rounds must be >= 1, "
                          f"got {outer_iters}, {inner_iters}, {mask_iters}, {finalize_rounds}")
+    square_share = "auto" if square_share is None else square_share
     square_nnz = square_factor_nnz(square_share, density, out, fan_in, name)
     other_nnz = budget - square_nnz
 
@@ -285,4 +328,6 @@ def double_sparse_factorize(
     return scored_factorization(
         "dsf", w, g, first, first_mask, second, second_mask,
         square_nnz=square_nnz, other_nnz=other_nnz, budget=budget, transposed=transposed,
+        square_share=square_share if isinstance(square_share, str) else float(square_share),
+        square_fraction=square_nnz / budget, square_density=square_nnz / (r * r),
         input_norm_scaling=norm is not None, finalize=finalize, fixed_mask=fixed_mask)
