@@ -158,11 +158,11 @@ def main(argv: list[str] | None = None) -> None:
         sq = ours_split if args.baseline_split == "ours" or name.startswith("synthetic.") else \
             paper_square_nnz(name, args.density, out, fan_in)
 
-        def run_ours():
+        def run_ours(w=w):
             res = double_sparse_factorize(w, args.density)
             return res.relative_error, res.info["square_fraction"]
 
-        def run_base():
+        def run_base(w=w, name=name, sq=sq, budget=budget):
             if args.baseline == "topk":
                 init = 1.0 if name.startswith("resnet20.") else 0.5
                 second, first = topk_dsf(w, sq, budget - sq, init_fraction=init)

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import real_weights  # noqa: E402
 
-from dsf_lightning.factorization import double_sparse_factorize, magnitude_prune, nnz_budget  # noqa: E402
+from dsf_lightning.factorization import double_sparse_factorize, magnitude_prune  # noqa: E402
 from dsf_lightning.factorization.dsf import vision_square_share  # noqa: E402
 
 
@@ -101,7 +101,7 @@ def main() -> None:
         row = ratios[key]
         n = len(row["auto"])
         means = {r: (statistics.fmean(v) if not any(math.isnan(x) for x in v) else math.nan) for r, v in row.items()}
-        best = min((m for m in means.values() if not math.isnan(m)))
+        best = min(m for m in means.values() if not math.isnan(m))
         cells = [("**%.3f**" if m == best else "%.3f") % m if not math.isnan(m) else "n/a" for m in means.values()]
         pa = means["paper"] / means["auto"]
         va = means["vision"] / means["auto"]

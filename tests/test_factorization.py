@@ -10,8 +10,8 @@ import torch
 from dsf_lightning import double_sparse_factorize, factorize, reconstruction_error
 from dsf_lightning.factorization import (
     METHODS,
-    auto_square_fraction,
     admm_masked_lstsq,
+    auto_square_fraction,
     finalize_first,
     finalize_second,
     nnz_budget,
