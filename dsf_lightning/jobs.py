@@ -7,7 +7,7 @@ method, shape, density, options and Gram presence; the method has a batch functi
 stack below a size cap) and :func:`solve_group` runs each group in one call of the method's
 ``batch_fn`` (:mod:`dsf_lightning.factorization`). Results are per layer and equal one call per layer
 (to float rounding; see the method's batch function); a group's seconds are split evenly over its
-layers. Measurements in benchmarks/RESULTS.md, "Issue 11".
+layers. Measurements in benchmarks/RESULTS.md, "Batching layers of one shape".
 """
 
 from __future__ import annotations

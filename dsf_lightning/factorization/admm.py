@@ -11,8 +11,8 @@ then chosen from ``|X + U|`` in that domain, which is Wanda's metric when ``D`` 
 
 Every function here also takes a leading batch dimension (``gram`` (B, p, p), ``rhs`` (B, p, q)):
 each matrix of the batch is its own problem (its own preconditioning, ridge and mask), run by
-batched GEMMs and factorizations so small problems share the per-operation overhead. A 2-D call runs
-the same operations as before batching existed (``tests/test_golden_factors.py``).
+batched GEMMs and factorizations so small problems share the per-operation overhead. A 2-D call
+computes what it computed before batching existed, bit for bit (``tests/test_golden_factors.py``).
 
 Everything stays on the device of ``gram``; no host round trips inside the loop.
 """

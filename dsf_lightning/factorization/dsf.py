@@ -11,7 +11,7 @@ Budget: ``nnz(second) + nnz(first) <= floor(density * out * fan_in)``, always.
 The engine (:func:`_alternate`, the finalizations, the Sylvester solve) works on one matrix or on a
 batch ``(B, ...)`` of equal-shape problems; :func:`double_sparse_factorize_batch` factorizes layers of
 one shape together, sharing the per-operation overhead that dominates small layers (measurements in
-benchmarks/RESULTS.md, "Issue 11").
+benchmarks/RESULTS.md, "Batching layers of one shape").
 """
 
 from __future__ import annotations
@@ -320,11 +320,14 @@ def double_sparse_factorize_batch(
     Every matrix is its own problem (its own masks, preconditioning and ridge); only the operations
     are batched (batched GEMMs, Cholesky, ``eigh``, a per-matrix ``topk``), which shares their
     per-call overhead: small layers (ResNet-20's convs) factorize faster per layer, large ones gain
-    nothing (benchmarks/RESULTS.md, "Issue 11"). Results equal one call per layer up to float rounding:
-    ``tests/test_factorization.py`` asserts the same masks and factors within 1e-5. Bit equality is not
-    promised: it holds where the batched kernels round like the single ones (it did in every test case
-    on the CPU with one thread), but another backend may round batched GEMMs differently, and a mask
-    could then differ where two scores tie within rounding. ``B = 1`` runs the single-matrix path.
+    nothing or lose (measurements in benchmarks/RESULTS.md, "Batching layers of one shape"; the
+    pipeline batches small layers only, :mod:`dsf_lightning.jobs`). ``B = 1`` runs the 2-D call.
+
+    Results equal one call per layer up to float rounding: ``tests/test_factorization.py`` asserts the
+    same masks and factors within 1e-5. Bit equality is not promised: it holds where the batched kernels
+    round like the single ones (it did in every test case on the CPU with one thread), but another
+    backend may round batched GEMMs differently, and a mask could then differ where two scores tie
+    within rounding.
     """
     if not isinstance(weights, Tensor) or weights.dim() != 3 or weights.shape[0] < 1:
         shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
