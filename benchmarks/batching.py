@@ -1,6 +1,6 @@
 """Per-layer time of DSF on a stack of equal-shape layers: one batch call against one call per layer.
 
-The measurement behind the pipeline's batching cap (``dsf_lightning/jobs.py``: ``BATCH_MAX_NUMEL``,
+The measurement behind the pipeline's batching cap (``dsf_lightning/jobs.py``: ``BATCH_MAX_COST``,
 ``BATCH_MAX_STACK``). For each ``OUTxIN:B`` (B layers of that shape; seeded synthetic weights as in
 ``benchmarks/factorization.py``) and, with ``--resnet``, every shape of the trained ResNet-20 with all its
 layers of that shape: ``double_sparse_factorize_batch`` on the stack against ``double_sparse_factorize``
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             by_shape.setdefault(tuple(w.shape), []).append(w)
         stacks.update({f"resnet20 {o}x{i}": torch.stack(ws) for (o, i), ws in by_shape.items() if len(ws) > 1})
     for o, i, b in args.shapes:
-        stacks[f"synthetic {o}x{i}"] = torch.stack([synthetic_weight(o, i, seed=s) for s in range(b)])
+        stacks[f"synthetic {o}x{i} ({b})"] = torch.stack([synthetic_weight(o, i, seed=s) for s in range(b)])
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, density {args.density}, outer iterations "
           f"{args.outer_iters}, repeats {args.repeats}")
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)

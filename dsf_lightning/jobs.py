@@ -3,8 +3,8 @@
 An executor (``executor(jobs) -> {name: LayerResult}``) solves the :class:`LayerJob` s that
 :func:`~dsf_lightning.pruning.layer_jobs` builds. Small layers of one shape pay more in per-operation
 overhead than in arithmetic, so :func:`batch_groups` puts jobs that can share one call together (same
-method, shape, density, options and Gram presence; the method has a batch function; each layer and the
-stack below a size cap) and :func:`solve_group` runs each group in one call of the method's
+method, shape, density, options and Gram presence; the method has a batch function; the layer's cost and
+the stack below their caps) and :func:`solve_group` runs each group in one call of the method's
 ``batch_fn`` (:mod:`dsf_lightning.factorization`). Results are per layer and equal one call per layer
 (to float rounding; see the method's batch function); a group's seconds are split evenly over its
 layers. Measurements in benchmarks/RESULTS.md, "Batching layers of one shape".
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from dsf_lightning.factorization import Factorization, factorize, factorize_batch, get_method
 
 __all__ = [
-    "BATCH_MAX_NUMEL",
+    "BATCH_MAX_COST",
     "BATCH_MAX_STACK",
     "Executor",
     "LayerJob",
@@ -34,10 +34,12 @@ __all__ = [
     "solve_serially",
 ]
 
-#: Layers of at most this many weights (``out * fan_in``; 64x576 is 36864) are batched: above it the
-#: GEMMs dominate, and stacks that leave the CPU's caches run slower than one layer at a time.
-BATCH_MAX_NUMEL = 1 << 16
-#: A batch stacks at most this many weights (1 MiB of float32); more layers start another batch.
+#: Layers whose :attr:`LayerJob.cost` (``out * fan_in * min(out, fan_in)``, the arithmetic of one GEMM of
+#: the factorization) is at most this are batched: 128x256 and 64x576 gained, 256x256, 128x576 and
+#: 128x1152 did not (their GEMMs dominate; benchmarks/RESULTS.md, "Batching layers of one shape").
+BATCH_MAX_COST = 1 << 22
+#: A batch stacks at most this many weights (1 MiB of float32); more layers start another batch. Stacks
+#: past it gained nothing in the measurements: their elementwise passes leave the CPU's caches.
 BATCH_MAX_STACK = 1 << 18
 
 
@@ -64,8 +66,8 @@ class LayerJob:
 
     def batch_key(self) -> tuple | None:
         """Jobs with equal keys can be solved in one batch call; ``None``: this one runs alone (the method
-        has no batch function, or the layer has more than :data:`BATCH_MAX_NUMEL` weights)."""
-        if get_method(self.method).batch_fn is None or self.weight.numel() > BATCH_MAX_NUMEL:
+        has no batch function, or the layer's :attr:`cost` is above :data:`BATCH_MAX_COST`)."""
+        if get_method(self.method).batch_fn is None or self.cost > BATCH_MAX_COST:
             return None
         w = self.weight
         return (self.method, tuple(w.shape), w.dtype, w.device, self.density, self.gram is not None,

@@ -263,8 +263,8 @@ def test_layerwise_prune_conv_with_tuple_batches():
 
 
 def test_equal_shape_small_layers_are_solved_in_batches_with_per_layer_results():
-    """solve_serially groups jobs of one method, shape, density, options and Gram presence (small layers
-    only, up to the stack cap) into one batch call each; the results are per layer and equal one call per
+    """solve_serially groups jobs of one method, shape, density, options and Gram presence (layers of a
+    small cost only, up to the stack cap) into one batch call each; the results are per layer and equal one call per
     layer, in the jobs' order, each group's seconds split evenly."""
     from dsf_lightning.jobs import BATCH_MAX_STACK, LayerJob, batch_groups, solve_serially
 
@@ -281,8 +281,8 @@ def test_equal_shape_small_layers_are_solved_in_batches_with_per_layer_results()
             job("big1", (300, 300)), job("big2", (300, 300))]
     groups = [[j.name for j in g] for g in batch_groups(jobs)]
     assert groups == [["a", "b", "g"], ["c"], ["d", "h"], ["e"], ["f"], ["m1"], ["m2"], ["big1"], ["big2"]]
-    per_batch = BATCH_MAX_STACK // (128 * 512)
-    capped = batch_groups([job(f"x{i}", (128, 512)) for i in range(per_batch + 2)])
+    per_batch = BATCH_MAX_STACK // (64 * 512)
+    capped = batch_groups([job(f"x{i}", (64, 512)) for i in range(per_batch + 2)])
     assert [len(g) for g in capped] == [per_batch, 2]
 
     small = jobs[:-2]
