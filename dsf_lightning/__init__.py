@@ -19,6 +19,7 @@ from dsf_lightning.factorization import (
     Factorization,
     admm_masked_lstsq,
     double_sparse_factorize,
+    double_sparse_factorize_batch,
     factorize,
     reconstruction_error,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "apply_structure_spec",
     "conv2d_patches",
     "double_sparse_factorize",
+    "double_sparse_factorize_batch",
     "factorize",
     "find_targets",
     "is_pruned_module",

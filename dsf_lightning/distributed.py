@@ -2,9 +2,10 @@
 
 Every rank records Grams on its own shard of the calibration data; :func:`all_reduce_grams` sums them
 as count-weighted sums, so every rank holds the Grams of all the data. :func:`distributed_executor`
-splits the layer jobs across ranks (:func:`balance_layers`, greedy by ``out * fan_in * min(out, fan_in)``),
-every rank solves its share, and each result is broadcast from its owner (:func:`broadcast_result`), so
-every rank builds bit-identical modules.
+splits the layer jobs across ranks (:func:`balance_layers`, greedy by ``out * fan_in * min(out, fan_in)``,
+per job), every rank solves its share (small layers of one shape in batches within the share, as the
+serial executor does: :func:`~dsf_lightning.jobs.batch_groups`), and each result is broadcast from its
+owner (:func:`broadcast_result`), so every rank builds bit-identical modules.
 
 Plain ``torch.distributed`` collectives on the default process group: the same code serves Lightning
 strategies (DDP, one process per device) and ``torchrun`` scripts. Nothing here runs without an
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from dsf_lightning.calibration import GramAccumulator
 from dsf_lightning.factorization import Factorization
-from dsf_lightning.pruning import Executor, LayerJob, LayerResult
+from dsf_lightning.jobs import Executor, LayerJob, LayerResult, batch_groups, solve_group
 
 __all__ = ["all_reduce_grams", "balance_layers", "broadcast_result", "distributed_executor", "world"]
 
@@ -112,16 +113,23 @@ def broadcast_result(result: LayerResult | None, src: int, device: torch.device)
 
 def distributed_executor(progress: bool = True) -> Executor:
     """An executor for :func:`~dsf_lightning.pruning.prune` that splits the jobs across the ranks of the
-    default process group and broadcasts every result to every rank (progress bar on rank zero)."""
+    default process group and broadcasts every result to every rank (progress bar on rank zero).
+
+    The split is per job (:func:`balance_layers`); each rank then solves its share in the groups of
+    :func:`~dsf_lightning.jobs.batch_groups`, so equal-shape small layers that land on one rank share a
+    batch call."""
     rank, world_size = world()
 
     def run(jobs: Sequence[LayerJob]) -> dict[str, LayerResult]:
         owners = balance_layers([j.cost for j in jobs], world_size)
         mine = [j for j, o in zip(jobs, owners) if o == rank]
         solved: dict[str, LayerResult] = {}
-        for job in tqdm(mine, desc=f"prune {jobs[0].method if jobs else ''} (rank {rank}: {len(mine)}/{len(jobs)} "
-                        f"layers)", unit="layer", disable=not (progress and rank == 0)):
-            solved[job.name] = job.run()
+        bar = tqdm(total=len(mine), desc=f"prune {jobs[0].method if jobs else ''} (rank {rank}: {len(mine)}/"
+                   f"{len(jobs)} layers)", unit="layer", disable=not (progress and rank == 0))
+        for group in batch_groups(mine):
+            solved.update(solve_group(group))
+            bar.update(len(group))
+        bar.close()
         return {j.name: broadcast_result(solved.get(j.name), o, j.weight.device) for j, o in zip(jobs, owners)}
 
     return run

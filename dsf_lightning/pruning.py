@@ -10,8 +10,9 @@ The steps are separate so that the Lightning callback and distributed runs reuse
 2. :func:`build_structure` (optional) -- put the pruned modules in place first, holding the dense
    weights exactly, so optimizers and checkpoints see the final structure before any factorization;
 3. :func:`record_grams` -- mean input Grams of every target over the calibration batches;
-4. :func:`layer_jobs` + an *executor* -- solve every layer (here, one after the other; or split across
-   processes, :mod:`dsf_lightning.distributed`);
+4. :func:`layer_jobs` + an *executor* -- solve every layer (here, :func:`~dsf_lightning.jobs.solve_serially`:
+   small layers of one shape in batches, the rest one after the other; or split across processes,
+   :mod:`dsf_lightning.distributed`);
 5. :func:`install` -- fill the pruned modules (or replace the dense layers) and describe each one.
 """
 
@@ -21,19 +22,19 @@ import dataclasses
 import difflib
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from dsf_lightning.allocation import allocate, budget_bounds, layer_scores
 from dsf_lightning.calibration import InputGramRecorder
 from dsf_lightning.config import PruneConfig
-from dsf_lightning.factorization import Factorization, factorize, get_method, nnz_budget
+from dsf_lightning.factorization import get_method, nnz_budget
+from dsf_lightning.jobs import Executor, LayerJob, LayerResult, solve_serially
 from dsf_lightning.layers import SUPPORTED, hf_conv1d_type, layer_kind, weight_matrix
 from dsf_lightning.modules import MaskedLayer, is_pruned_module, pruned_module
 from dsf_lightning.report import LayerRecord, PruneReport
@@ -234,53 +235,6 @@ def record_grams(model: nn.Module, targets: Mapping[str, nn.Module], batches: It
     return rec
 
 
-@dataclass
-class LayerJob:
-    """One layer's factorization problem, as an executor receives it.
-
-    ``weight`` is the ``(out, fan_in)`` float32 matrix on the layer's device, ``gram`` the mean input
-    Gram (float32, same device) or ``None`` (data-free). :meth:`run` solves it; ``cost`` is a relative
-    work estimate (``out * fan_in * min(out, fan_in)``) for balancing jobs across workers.
-    """
-
-    name: str
-    method: str
-    weight: Tensor
-    density: float
-    gram: Tensor | None
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def cost(self) -> int:
-        out, fan_in = self.weight.shape
-        return out * fan_in * min(out, fan_in)
-
-    def run(self) -> LayerResult:
-        """Factorize with ``method`` and with magnitude pruning (the error baseline), timed."""
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            fact = factorize(self.method, self.weight, self.density, self.gram, name=self.name, **self.options)
-            mag = fact if self.method == "magnitude" else factorize("magnitude", self.weight, self.density,
-                                                                    self.gram, name=self.name)
-        return LayerResult(fact, mag.error, mag.relative_error, time.perf_counter() - t0)
-
-
-@dataclass
-class LayerResult:
-    """A solved :class:`LayerJob`: the factorization, magnitude pruning's error (absolute and relative) at
-    the same density, the seconds it took, and the process that solved it (``None``: this one)."""
-
-    factorization: Factorization
-    magnitude_error: float
-    magnitude_relative_error: float
-    seconds: float
-    rank: int | None = None
-
-
-#: ``executor(jobs) -> {name: LayerResult}``: solves every job (e.g. split across ranks and broadcast).
-Executor = Callable[[Sequence[LayerJob]], Mapping[str, LayerResult]]
-
-
 def layer_jobs(plan: PrunePlan, grams: Mapping[str, Tensor] | None = None) -> list[LayerJob]:
     """One :class:`LayerJob` per target, in module order: float32 weights and Grams on the layer's device
     (the math is not stable in half precision; the modules copy the factors back into their dtype)."""
@@ -295,17 +249,6 @@ def layer_jobs(plan: PrunePlan, grams: Mapping[str, Tensor] | None = None) -> li
         jobs.append(LayerJob(name, plan.config.method, w32, plan.densities[name],
                              None if g is None else g.to(device=w32.device, dtype=torch.float32), dict(plan.options)))
     return jobs
-
-
-def solve_serially(jobs: Sequence[LayerJob], progress: bool = True) -> dict[str, LayerResult]:
-    """Solve ``jobs`` one after the other in this process, with a progress bar over layers."""
-    results = {}
-    bar = tqdm(jobs, desc=f"prune {jobs[0].method if jobs else ''}", unit="layer", disable=not progress)
-    for job in bar:
-        bar.set_postfix_str(job.name, refresh=False)
-        results[job.name] = job.run()
-    bar.close()
-    return results
 
 
 @torch.no_grad()

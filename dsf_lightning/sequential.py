@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from dsf_lightning.calibration import InputGramRecorder
 from dsf_lightning.distributed import all_reduce_grams, world
-from dsf_lightning.pruning import Executor, PrunePlan, default_forward, install, layer_jobs, solve_serially
+from dsf_lightning.jobs import Executor, solve_serially
+from dsf_lightning.pruning import PrunePlan, default_forward, install, layer_jobs
 from dsf_lightning.report import LayerRecord
 from dsf_lightning.targets import block_stacks
 

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger, WandbLogger  # noqa: E402
 from wandb_offline import wandb_records  # noqa: E402  (tests/ is on sys.path)
 
-import dsf_lightning.pruning as pruning  # noqa: E402
+import dsf_lightning.jobs as jobs  # noqa: E402
 from dsf_lightning.callbacks import DSFPruneCallback, load_pruned_checkpoint  # noqa: E402
 from dsf_lightning.modules import is_pruned_module  # noqa: E402
 
@@ -148,14 +148,20 @@ class MaskProbe(pl.Callback):
 
 @pytest.fixture
 def count_factorize(monkeypatch):
+    """The methods of every layer factorized, one entry per layer (batched layers included)."""
     calls: list[str] = []
-    real = pruning.factorize
+    real, real_batch = jobs.factorize, jobs.factorize_batch
 
     def counting(method, *a, **kw):
         calls.append(method)
         return real(method, *a, **kw)
 
-    monkeypatch.setattr(pruning, "factorize", counting)
+    def counting_batch(method, weights, *a, **kw):
+        calls.extend([method] * len(weights))
+        return real_batch(method, weights, *a, **kw)
+
+    monkeypatch.setattr(jobs, "factorize", counting)
+    monkeypatch.setattr(jobs, "factorize_batch", counting_batch)
     return calls
 
 

@@ -12,6 +12,7 @@ from dsf_lightning.factorization import (
     METHODS,
     admm_masked_lstsq,
     auto_square_fraction,
+    double_sparse_factorize_batch,
     finalize_first,
     finalize_second,
     nnz_budget,
@@ -382,3 +383,75 @@ def test_topk_mask_band_selection_is_exact():
     ties[:10] = 1.0
     mask = topk_mask(ties, 2500)
     assert int(mask.sum()) == 2500 and bool(mask[:10].sum() == 2500)
+
+
+def _batch_problem(count: int, out: int, fan_in: int, with_gram: bool, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(count, out, 5, generator=gen) @ torch.randn(count, 5, fan_in, generator=gen)
+    w = w + 0.3 * torch.randn(count, out, fan_in, generator=gen)
+    if not with_gram:
+        return w, None
+    x = torch.randn(count, 3 * fan_in, fan_in, generator=gen) * torch.linspace(0.2, 2.0, fan_in)
+    return w, x.mT @ x / x.shape[1]
+
+
+@pytest.mark.parametrize("count,out,fan_in,density,with_gram,opts", [
+    (3, 24, 40, 0.3, False, {}),
+    (3, 40, 24, 0.3, False, {}),
+    (2, 16, 144, 0.2, True, {}),
+    (3, 32, 32, 0.5, True, {"preset": "llm"}),
+    (2, 48, 32, 0.4, True, {"preset": "llm", "finalize": ("second",)}),
+    (2, 32, 48, 0.4, True, {"preset": "llm", "fixed_mask": True}),
+    (2, 128, 576, 0.25, False, {"outer_iters": 3}),  # 73728 scores: the band selection, matrix by matrix
+    (1, 24, 40, 0.3, True, {}),
+])
+def test_batch_factorization_equals_one_call_per_layer(count, out, fan_in, density, with_gram, opts):
+    w, g = _batch_problem(count, out, fan_in, with_gram, seed=out + fan_in)
+    batch = double_sparse_factorize_batch(w, density, g, names=[f"l{i}" for i in range(count)], **opts)
+    assert len(batch) == count
+    for i, got in enumerate(batch):
+        want = double_sparse_factorize(w[i], density, None if g is None else g[i], **opts)
+        for key in ("first_mask", "second_mask"):
+            assert torch.equal(getattr(got, key), getattr(want, key)), (i, key)
+        for key in ("first", "second"):
+            torch.testing.assert_close(getattr(got, key), getattr(want, key), rtol=1e-5, atol=1e-6)
+        assert math.isclose(got.error, want.error, rel_tol=1e-5) and got.info == want.info
+        assert got.nnz <= nnz_budget(density, out * fan_in)
+        assert got.first.data_ptr() != batch[0].first.data_ptr() or i == 0  # each layer owns its tensors
+
+
+def test_batched_selection_and_admm_equal_one_matrix_at_a_time():
+    gen = torch.Generator().manual_seed(17)
+    for shape, k in (((3, 20, 30), 77), ((2, 300, 400), 30_000)):  # plain topk / band selection
+        scores = torch.randn(*shape, generator=gen)
+        mask = topk_mask(scores, k)
+        assert all(torch.equal(mask[i], topk_mask(scores[i], k)) for i in range(shape[0]))
+        col = topk_mask(scores, 7, per_column=True)
+        assert all(torch.equal(col[i], topk_mask(scores[i], 7, per_column=True)) for i in range(shape[0]))
+    grams = torch.stack([spd(16, gen) for _ in range(3)])
+    rhs = torch.randn(3, 16, 6, generator=gen, dtype=D64)
+    sol = admm_masked_lstsq(grams, rhs, 40, iters=4, mask_iters=2, damping=1e-2)
+    for i in range(3):
+        one = admm_masked_lstsq(grams[i], rhs[i], 40, iters=4, mask_iters=2, damping=1e-2)
+        assert torch.equal(sol.mask[i], one.mask) and int(one.mask.sum()) == 40
+        torch.testing.assert_close(sol.z[i], one.z, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda w, g: double_sparse_factorize_batch(w[0], 0.5), r"\(B, out, fan_in\)"),
+    (lambda w, g: double_sparse_factorize_batch(w, 0.5, names=["a"]), "names has 1 entries for 3"),
+    (lambda w, g: double_sparse_factorize_batch(w, 0.5, g[:2]), r"grams must be \(3, fan_in, fan_in\)"),
+    (lambda w, g: double_sparse_factorize_batch(w, 0.5, g[:, :-1], names=["a", "b", "c"]), r"layer 'a'.*\(12, 12\)"),
+    (lambda w, g: double_sparse_factorize_batch(torch.cat([w[:2], w[2:] * float("nan")]), 0.5, names=["a", "b", "c"]),
+     "layer 'c': weight contains NaN"),
+    (lambda w, g: double_sparse_factorize_batch(w, 0.5, square_share=0.9, names=["a", "b", "c"]),
+     "layer 'a, b, c'.*leaving none"),
+    (lambda w, g: double_sparse_factorize_batch(w, 0.5, preset="cnn", names=["a", "b", "c"]),
+     "layer 'a, b, c'.*preset"),
+])
+def test_batch_factorization_bad_input_names_the_layers(call, match):
+    w, g = torch.randn(3, 8, 12), torch.eye(12).expand(3, 12, 12)
+    with pytest.raises(ValueError, match=match):
+        call(w, g)
+    with pytest.raises(TypeError, match="unexpected option"):
+        double_sparse_factorize_batch(w, 0.5, outer_iter=3)

@@ -2,14 +2,15 @@
 
 Every method shares one signature, ``fn(weight (out, fan_in), density, gram=None, **options)``,
 and returns a :class:`Factorization`; :data:`METHODS` adds the facts a caller checks before any
-work (needs a Gram, two factors or one, the per-layer budget rule, valid options), so callers
-switch methods by name with :func:`factorize`. No Lightning, no module surgery here.
+work (needs a Gram, two factors or one, the per-layer budget rule, valid options) and, where the
+method has one, a batch function for layers of one shape, so callers switch methods by name with
+:func:`factorize` / :func:`factorize_batch`. No Lightning, no module surgery here.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from dsf_lightning.factorization.dsf import (
     VISION_SQUARE_FRACTION,
     auto_square_fraction,
     double_sparse_factorize,
+    double_sparse_factorize_batch,
     finalize_first,
     finalize_second,
     rho0_schedule,
@@ -56,6 +58,10 @@ class Method:
         budget_rule: ``rule(out, fan_in, density, options, name)`` raising ``ValueError`` when the
             method cannot spend ``density`` on an ``(out, fan_in)`` layer; the same helpers the method
             itself calls, run by planners for every layer before the first one is solved.
+        batch_fn: ``batch_fn(weights (B, out, fan_in), density, grams (B, fan_in, fan_in) | None, *,
+            names=None, **options) -> list[Factorization]``: ``fn`` of ``B`` layers of one shape, density
+            and options in one call (the same results as ``B`` calls of ``fn``, up to float rounding), or
+            ``None`` where the method has none (callers then call ``fn`` per layer).
     """
 
     name: str
@@ -63,6 +69,7 @@ class Method:
     needs_gram: bool
     two_factor: bool
     budget_rule: Callable[[int, int, float, Mapping[str, Any], str | None], None]
+    batch_fn: Callable[..., list[Factorization]] | None = None
 
     def option_names(self) -> list[str]:
         """The keyword options ``fn`` accepts besides the reserved ones."""
@@ -105,7 +112,8 @@ def _dsf_split(out: int, fan_in: int, density: float, options: Mapping[str, Any]
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("dsf", double_sparse_factorize, needs_gram=False, two_factor=True, budget_rule=_dsf_split),
+        Method("dsf", double_sparse_factorize, needs_gram=False, two_factor=True, budget_rule=_dsf_split,
+               batch_fn=double_sparse_factorize_batch),
         Method("magnitude", magnitude_prune, needs_gram=False, two_factor=False, budget_rule=_no_rule),
         Method("wanda", wanda_prune, needs_gram=True, two_factor=False, budget_rule=_per_row),
         Method("admm", admm_prune, needs_gram=False, two_factor=False, budget_rule=_per_row),
@@ -128,6 +136,18 @@ def factorize(method: str, weight: Tensor, density: float, gram: Tensor | None =
     return get_method(method).fn(weight, density, gram, **options)
 
 
+def factorize_batch(method: str, weights: Tensor, density: float, grams: Tensor | None = None, *,
+                    names: Sequence[str | None] | None = None, **options: Any) -> list[Factorization]:
+    """Run ``method`` on ``B`` layers of one shape: ``weights`` ``(B, out, fan_in)``, ``grams``
+    ``(B, fan_in, fan_in)`` or ``None``; its ``batch_fn`` where it has one, else ``fn`` layer by layer."""
+    m = get_method(method)
+    if m.batch_fn is not None:
+        return m.batch_fn(weights, density, grams, names=names, **options)
+    names = [None] * len(weights) if names is None else names
+    return [m.fn(w, density, None if grams is None else grams[i], name=names[i], **options)
+            for i, w in enumerate(weights)]
+
+
 __all__ = [
     "EPS",
     "METHODS",
@@ -145,7 +165,9 @@ __all__ = [
     "check_density",
     "cubic_sparsity",
     "double_sparse_factorize",
+    "double_sparse_factorize_batch",
     "factorize",
+    "factorize_batch",
     "finalize_first",
     "finalize_second",
     "get_method",

@@ -7,24 +7,31 @@ one factor is always square. Algorithm 1 runs on ``M ~= sq @ other`` with the sq
 when ``out <= fan_in``, else ``M = W^T`` (``second = other^T``, ``first = sq^T``).
 
 Budget: ``nnz(second) + nnz(first) <= floor(density * out * fan_in)``, always.
+
+The engine (:func:`_alternate`, the finalizations, the Sylvester solve) works on one matrix or on a
+batch ``(B, ...)`` of equal-shape problems; :func:`double_sparse_factorize_batch` factorizes layers of
+one shape together, sharing the per-operation overhead that dominates small layers (measurements in
+benchmarks/RESULTS.md, "Batching layers of one shape").
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from dsf_lightning.factorization.admm import EPS, admm_masked_lstsq, damped, topk_mask
+from dsf_lightning.factorization.admm import EPS, admm_masked_lstsq, damped, diagonals, topk_mask
 from dsf_lightning.factorization.problem import (
     Factorization,
     nnz_budget,
     scored_factorization,
     validate_problem,
     where,
+    where_names,
     working_copy,
 )
 
@@ -34,6 +41,7 @@ __all__ = [
     "VISION_SQUARE_FRACTION",
     "auto_square_fraction",
     "double_sparse_factorize",
+    "double_sparse_factorize_batch",
     "finalize_first",
     "finalize_second",
     "rho0_schedule",
@@ -150,10 +158,11 @@ def sylvester_solve(
     """Solve ``G X K + rho X = C`` for ``X`` (App. A.1) from ``G = Q D Q^T``, ``K = R E R^T``.
 
     ``X = Q ((Q^T C R) / (diag(D) diag(E)^T + rho)) R^T``. Shapes: ``G`` (p, p), ``K`` (r, r),
-    ``C`` and ``X`` (p, r). The decompositions are computed once per finalization and reused.
+    ``C`` and ``X`` (p, r), or all with a leading batch dimension. The decompositions are computed once
+    per finalization and reused.
     """
     (d, q), (e, r) = gram_eig, sts_eig
-    return q @ ((q.T @ rhs @ r) / (d[:, None] * e[None, :] + rho)) @ r.T
+    return q @ ((q.mT @ rhs @ r) / (d[..., :, None] * e[..., None, :] + rho)) @ r.mT
 
 
 def finalize_first(
@@ -164,25 +173,26 @@ def finalize_first(
     x-step is the Sylvester equation ``G X (S^T S) + rho X = G W^T S + rho (Z - U)``, ``X = F^T``.
 
     Preconditioned on both sides (unit diagonals of ``G`` and ``S^T S``) so ``rho = 1`` fits.
-    Returns the new ``first`` ``(r, fan_in)``, zero outside ``first_mask``.
+    Returns the new ``first`` ``(r, fan_in)``, zero outside ``first_mask``; every argument may carry a
+    leading batch dimension (one problem per matrix).
     """
-    sts = second.T @ second
-    ng = gram.diagonal().sqrt() + EPS
-    nk = sts.diagonal().sqrt() + EPS
-    gram_n = damped(gram / ng[:, None] / ng[None, :], damping)
-    sts_n = sts / nk[:, None] / nk[None, :]
+    sts = second.mT @ second
+    ng = diagonals(gram).sqrt() + EPS
+    nk = diagonals(sts).sqrt() + EPS
+    gram_n = damped(gram / ng[..., :, None] / ng[..., None, :], damping)
+    sts_n = sts / nk[..., :, None] / nk[..., None, :]
     gram_eig = torch.linalg.eigh(gram_n)
     sts_eig = torch.linalg.eigh(sts_n)
-    scale = ng[:, None] * nk[None, :]  # X' = Dg X Dk
-    c0 = (gram @ weight.T @ second) / scale
-    mask = first_mask.T
-    z = first.T * scale
+    scale = ng[..., :, None] * nk[..., None, :]  # X' = Dg X Dk
+    c0 = (gram @ weight.mT @ second) / scale
+    mask = first_mask.mT
+    z = first.mT * scale
     u = torch.zeros_like(z)
     for _ in range(iters):
         x = sylvester_solve(gram_eig, sts_eig, c0 + (z - u), 1.0)
         z = (x + u) * mask
         u = u + (x - z)
-    return (z / scale).T.contiguous()
+    return (z / scale).mT.contiguous()
 
 
 def finalize_second(
@@ -190,11 +200,12 @@ def finalize_second(
     *, iters: int = 20, damping: float = 1e-4,
 ) -> Tensor:
     """Refit ``second`` (``S``) on its fixed mask: a masked regression with Gram ``F G F^T`` and right-hand
-    side ``F G W^T``, solved by :func:`admm_masked_lstsq` warm-started at ``S``. Returns ``(out, r)``."""
+    side ``F G W^T``, solved by :func:`admm_masked_lstsq` warm-started at ``S``. Returns ``(out, r)``
+    (batched: ``(B, out, r)`` from arguments with a leading batch dimension)."""
     fg = first @ gram
-    sol = admm_masked_lstsq(fg @ first.T, fg @ weight.T, z=second.T, fixed_mask=second_mask.T,
+    sol = admm_masked_lstsq(fg @ first.mT, fg @ weight.mT, z=second.mT, fixed_mask=second_mask.mT,
                             iters=iters, damping=damping)
-    return sol.z.T.contiguous()
+    return sol.z.mT.contiguous()
 
 
 def _alternate(
@@ -203,11 +214,12 @@ def _alternate(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Algorithm 1 on ``M ~= sq @ other`` (``sq`` (n, n), ``other`` (n, m)); returns both and their masks.
 
-    Every step is warm-started from the previous factor, which already has its nonzero count, so
-    each ADMM call reselects the mask at exactly that count (``gradual=False``), never on a ramp
-    that would first let it grow."""
-    n = m.shape[0]
-    sq = torch.eye(n, dtype=m.dtype, device=m.device)
+    ``m`` may be a batch ``(B, n, m)`` (``sq_mask`` then ``(B, n, n)``): every matrix is its own
+    problem with the same counts. Every step is warm-started from the previous factor, which already
+    has its nonzero count, so each ADMM call reselects the mask at exactly that count
+    (``gradual=False``), never on a ramp that would first let it grow."""
+    n = m.shape[-2]
+    sq = torch.eye(n, dtype=m.dtype, device=m.device).expand(*m.shape[:-2], n, n).contiguous()
     if sq_mask is not None:
         sq = sq * sq_mask
     other = m * topk_mask(m.abs(), other_nnz)  # magnitude-pruned init of the other factor
@@ -215,14 +227,14 @@ def _alternate(
     mask_sq = sq_mask
     for k in range(1, outer_iters + 1):
         rho0 = rho0_schedule(k, outer_iters, settle)
-        sol = admm_masked_lstsq(sq.T @ sq, sq.T @ m, other_nnz, z=other, u=u_other, iters=inner_iters,
+        sol = admm_masked_lstsq(sq.mT @ sq, sq.mT @ m, other_nnz, z=other, u=u_other, iters=inner_iters,
                                 mask_iters=mask_iters, gradual=False, rho0=rho0, damping=damping)
         other, u_other, mask_other = sol.z, sol.u, sol.mask
         # sq-step on the transposed problem ||other^T sq^T - M^T||: the variable is sq^T.
-        sol = admm_masked_lstsq(other @ other.T, other @ m.T, sq_nnz, z=sq.T, u=u_sq.T, iters=inner_iters,
+        sol = admm_masked_lstsq(other @ other.mT, other @ m.mT, sq_nnz, z=sq.mT, u=u_sq.mT, iters=inner_iters,
                                 mask_iters=mask_iters, gradual=False, rho0=rho0, damping=damping,
-                                fixed_mask=None if sq_mask is None else sq_mask.T)
-        sq, u_sq, mask_sq = sol.z.T, sol.u.T, sol.mask.T
+                                fixed_mask=None if sq_mask is None else sq_mask.mT)
+        sq, u_sq, mask_sq = sol.z.mT, sol.u.mT, sol.mask.mT
     return sq, other, mask_sq, mask_other
 
 
@@ -284,11 +296,76 @@ def double_sparse_factorize(
         float32 (float64 if ``weight`` is float64), on ``weight``'s device.
     """
     budget = validate_problem(weight, density, gram, name)
+    w, g = working_copy(weight, gram)
+    return _solve(w, g, density, budget, name, preset=preset, square_share=square_share,
+                  input_norm_scaling=input_norm_scaling, finalize=finalize, outer_iters=outer_iters,
+                  inner_iters=inner_iters, mask_iters=mask_iters, fixed_mask=fixed_mask, seed=seed, damping=damping,
+                  finalize_iters=finalize_iters, finalize_rounds=finalize_rounds,
+                  finalize_damping=finalize_damping)[0]
+
+
+def double_sparse_factorize_batch(
+    weights: Tensor, density: float, grams: Tensor | None = None, *, names: Sequence[str | None] | None = None,
+    **options: Any,
+) -> list[Factorization]:
+    """:func:`double_sparse_factorize` of ``B`` layers of one shape at once, one result per layer.
+
+    Args:
+        weights: ``(B, out, fan_in)`` the layers' weights.
+        density: kept fraction in ``(0, 1]``, the same for every layer (so is the budget and its split).
+        grams: ``(B, fan_in, fan_in)`` their mean input Grams, or ``None`` (data-free projection).
+        names: the ``B`` layer names, for error messages.
+        options: :func:`double_sparse_factorize`'s keyword options (its defaults), shared by the batch.
+
+    Every matrix is its own problem (its own masks, preconditioning and ridge); only the operations
+    are batched (batched GEMMs, Cholesky, ``eigh``, a per-matrix ``topk``), which shares their
+    per-call overhead: small layers (ResNet-20's convs) factorize faster per layer, large ones gain
+    nothing or lose (measurements in benchmarks/RESULTS.md, "Batching layers of one shape"; the
+    pipeline batches small layers only, :mod:`dsf_lightning.jobs`). ``B = 1`` runs the 2-D call.
+
+    Results equal one call per layer up to float rounding: ``tests/test_factorization.py`` asserts the
+    same masks and factors within 1e-5. Bit equality is not promised: it holds where the batched kernels
+    round like the single ones (it did in every test case on the CPU with one thread), but another
+    backend may round batched GEMMs differently, and a mask could then differ where two scores tie
+    within rounding.
+    """
+    if not isinstance(weights, Tensor) or weights.dim() != 3 or weights.shape[0] < 1:
+        shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise ValueError(f"weights must be a (B, out, fan_in) tensor with B >= 1, got {shape}")
+    count = weights.shape[0]
+    names = [None] * count if names is None else list(names)
+    if len(names) != count:
+        raise ValueError(f"names has {len(names)} entries for {count} weights")
+    if grams is not None and (not isinstance(grams, Tensor) or grams.dim() != 3 or grams.shape[0] != count):
+        shape = tuple(grams.shape) if isinstance(grams, Tensor) else type(grams).__name__
+        raise ValueError(f"grams must be ({count}, fan_in, fan_in) for {count} weights, got {shape}")
+    unknown = sorted(set(options) - set(_DEFAULTS))
+    if unknown:
+        raise TypeError(f"double_sparse_factorize_batch() got unexpected option(s) {unknown}; "
+                        f"valid: {sorted(_DEFAULTS)}")
+    if count == 1:  # the single-matrix path: its 2-D operations are cheaper than a batch of one
+        return [double_sparse_factorize(weights[0], density, None if grams is None else grams[0], name=names[0],
+                                        **options)]
+    for i in range(count):
+        budget = validate_problem(weights[i], density, None if grams is None else grams[i], names[i])
+    w, g = working_copy(weights, grams)
+    return _solve(w, g, density, budget, names, **{**_DEFAULTS, **options})
+
+
+def _solve(
+    w: Tensor, g: Tensor | None, density: float, budget: int, names: str | Sequence[str | None] | None, *,
+    preset: Preset, square_share: float | SplitRule | None, input_norm_scaling: bool | None,
+    finalize: Sequence[Side] | None, outer_iters: int, inner_iters: int, mask_iters: int, fixed_mask: bool,
+    seed: int, damping: float, finalize_iters: int, finalize_rounds: int, finalize_damping: float,
+) -> list[Factorization]:
+    """The factorization of checked working copies ``w`` ``(out, fan_in)`` / ``g`` ``(fan_in, fan_in)``, or of a
+    batch ``(B, out, fan_in)`` / ``(B, fan_in, fan_in)`` with ``B`` names: one :class:`Factorization` per matrix."""
+    name = where_names(names)
     if preset not in PRESETS:
         raise ValueError(f"{where(name)}preset must be one of {PRESETS}, got {preset!r}")
-    out, fan_in = weight.shape
+    out, fan_in = w.shape[-2:]
     scaling = (preset == "llm") if input_norm_scaling is None else input_norm_scaling
-    finalize = tuple(("first", "second") if finalize is None else finalize) if gram is not None else ()
+    finalize = tuple(("first", "second") if finalize is None else finalize) if g is not None else ()
     if not set(finalize) <= {"first", "second"}:
         raise ValueError(f"{where(name)}finalize must name 'first' and/or 'second', got {finalize!r}")
     if min(outer_iters, inner_iters, mask_iters, finalize_rounds) < 1:
@@ -298,25 +375,24 @@ def double_sparse_factorize(
     square_nnz = square_factor_nnz(square_share, density, out, fan_in, name)
     other_nnz = budget - square_nnz
 
-    w, g = working_copy(weight, gram)
-    norm = (g.diagonal().clamp_min(0).sqrt() + EPS) if (scaling and g is not None) else None
-    w_scaled = w if norm is None else w * norm[None, :]
+    norm = (diagonals(g).clamp_min(0).sqrt() + EPS) if (scaling and g is not None) else None
+    w_scaled = w if norm is None else w * norm[..., None, :]
 
     transposed = out > fan_in
     r = min(out, fan_in)
     sq_mask = None
     if fixed_mask:  # shared in the layer's own orientation: the mask of second, or of first when transposed
         sq_mask = random_square_mask(r, square_nnz, seed, w.device)
-        sq_mask = sq_mask.T.contiguous() if transposed else sq_mask
+        sq_mask = (sq_mask.T if transposed else sq_mask).expand(*w.shape[:-2], r, r).contiguous()
     sq, other, mask_sq, mask_other = _alternate(
-        w_scaled.T if transposed else w_scaled, square_nnz, other_nnz, sq_mask,
+        w_scaled.mT if transposed else w_scaled, square_nnz, other_nnz, sq_mask,
         outer_iters=outer_iters, inner_iters=inner_iters, mask_iters=mask_iters, damping=damping)
     if transposed:
-        second, first, second_mask, first_mask = other.T, sq.T, mask_other.T, mask_sq.T
+        second, first, second_mask, first_mask = other.mT, sq.mT, mask_other.mT, mask_sq.mT
     else:
         second, first, second_mask, first_mask = sq, other, mask_sq, mask_other
     if norm is not None:
-        first = first / norm[None, :]
+        first = first / norm[..., None, :]
 
     for _ in range(finalize_rounds):
         if "first" in finalize:
@@ -325,9 +401,16 @@ def double_sparse_factorize(
             second = finalize_second(w, g, first, second, second_mask, iters=finalize_iters,
                                      damping=finalize_damping)
 
-    return scored_factorization(
-        "dsf", w, g, first, first_mask, second, second_mask,
-        square_nnz=square_nnz, other_nnz=other_nnz, budget=budget, transposed=transposed,
-        square_share=square_share if isinstance(square_share, str) else float(square_share),
-        square_fraction=square_nnz / budget, square_density=square_nnz / (r * r),
-        input_norm_scaling=norm is not None, finalize=finalize, fixed_mask=fixed_mask)
+    info = dict(square_nnz=square_nnz, other_nnz=other_nnz, budget=budget, transposed=transposed,
+                square_share=square_share if isinstance(square_share, str) else float(square_share),
+                square_fraction=square_nnz / budget, square_density=square_nnz / (r * r),
+                input_norm_scaling=norm is not None, finalize=finalize, fixed_mask=fixed_mask)
+    if w.dim() == 2:
+        return [scored_factorization("dsf", w, g, first, first_mask, second, second_mask, **info)]
+    return [scored_factorization("dsf", w[i], None if g is None else g[i], first[i].clone(), first_mask[i].clone(),
+                                 second[i].clone(), second_mask[i].clone(), **info) for i in range(w.shape[0])]
+
+
+#: :func:`double_sparse_factorize`'s keyword options and their defaults (what the batch call accepts).
+_DEFAULTS = {n: p.default for n, p in inspect.signature(double_sparse_factorize).parameters.items()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "name"}

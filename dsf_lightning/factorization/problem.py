@@ -10,6 +10,7 @@ layer before any work starts, and the methods run them again on their own inputs
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "scored_factorization",
     "validate_problem",
     "where",
+    "where_names",
     "working_copy",
 ]
 
@@ -70,6 +72,15 @@ class Factorization:
 def where(name: str | None) -> str:
     """Error-message prefix naming the layer, or nothing for an anonymous matrix."""
     return f"layer {name!r}: " if name else ""
+
+
+def where_names(names: str | Sequence[str | None] | None) -> str | None:
+    """The name :func:`where` gets for one layer or a batch of layers: one name as it is, several named layers
+    joined (``"a, b"``: a batch's shared checks fail for all of them), ``None`` when none is named."""
+    if names is None or isinstance(names, str):
+        return names
+    named = [str(n) for n in names if n]
+    return ", ".join(named) if named else None
 
 
 def nnz_budget(density: float, numel: int) -> int:
