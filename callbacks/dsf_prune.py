@@ -43,6 +43,7 @@ from dsf_lightning.callbacks.batchnorm import recalibrate_batchnorm
 from dsf_lightning.callbacks.evaluation import evaluate_module
 from dsf_lightning.config import PruneConfig, check_count
 from dsf_lightning.distributed import all_reduce_grams, distributed_executor, world
+from dsf_lightning.jobs import solve_serially
 from dsf_lightning.pruning import (
     PrunePlan,
     allocate_densities,
@@ -52,7 +53,6 @@ from dsf_lightning.pruning import (
     layer_jobs,
     plan_prune,
     record_grams,
-    solve_serially,
     unbuild_structure,
 )
 from dsf_lightning.report import PruneReport

@@ -74,7 +74,7 @@ def balance_layers(costs: Sequence[int], world_size: int) -> list[int]:
 
 
 def broadcast_result(result: LayerResult | None, src: int, device: torch.device) -> LayerResult:
-    """``src``'s :class:`~dsf_lightning.pruning.LayerResult` on every rank: metadata as an object, tensors by
+    """``src``'s :class:`~dsf_lightning.jobs.LayerResult` on every rank: metadata as an object, tensors by
     ``dist.broadcast`` (bool masks as uint8), bit for bit. ``result`` is only read on ``src``."""
     rank, _ = world()
     comm = comm_device(device)

@@ -42,9 +42,6 @@ from dsf_lightning.structure import PRUNE_INFO_ATTR, replace_module
 from dsf_lightning.targets import Family, detect_family, find_targets
 
 __all__ = [
-    "Executor",
-    "LayerJob",
-    "LayerResult",
     "PrunePlan",
     "allocate_densities",
     "build_structure",
@@ -55,7 +52,6 @@ __all__ = [
     "plan_prune",
     "prune",
     "record_grams",
-    "solve_serially",
 ]
 
 
