@@ -1,5 +1,6 @@
-"""ADMM pruning: exact budgets, clear errors, convergence, and a tiny float64 transcription of the reference
-implementation (fmfi-compbio/admm-pruning ``AdmmPruner``) that a regression in the update would fail."""
+"""SparseGPT and ADMM pruning: exact budgets, clear errors, convergence, and tiny float64 transcriptions of the
+reference implementations (IST-DASLab/sparsegpt ``fasterprune``, fmfi-compbio/admm-pruning ``AdmmPruner``)
+that a regression in the update would fail."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import math
 import pytest
 import torch
 
-from dsf_lightning.factorization import factorize, get_method, nnz_budget, reconstruction_error, row_budget
+from dsf_lightning.config import PruneConfig
+from dsf_lightning.factorization import METHODS, factorize, get_method, nnz_budget, reconstruction_error, row_budget
 
 D64 = torch.float64
 
 
 def correlated_problem(out: int, fan_in: int, seed: int, dtype: torch.dtype = torch.float32):
-    """A trained-like weight and the Gram of correlated inputs with uneven norms in no particular order."""
+    """A trained-like weight and the Gram of correlated inputs with uneven norms in no particular order (what
+    SparseGPT exploits; its masks are chosen per block of columns)."""
     gen = torch.Generator().manual_seed(seed)
     mix = torch.randn(fan_in, fan_in, generator=gen, dtype=D64) * (torch.rand(fan_in, fan_in, generator=gen) < 0.1)
     x = torch.randn(4 * fan_in, fan_in, generator=gen, dtype=D64) @ (torch.eye(fan_in, dtype=D64) + mix)
@@ -25,8 +28,37 @@ def correlated_problem(out: int, fan_in: int, seed: int, dtype: torch.dtype = to
 
 
 # ---------------------------------------------------------------------------------------------
-# the reference, transcribed (float64 here; the repositories run float32)
+# the references, transcribed (float64 here; the repositories run float32)
 # ---------------------------------------------------------------------------------------------
+def reference_sparsegpt(w: torch.Tensor, h: torch.Tensor, sparsity: float, blocksize: int = 128,
+                        percdamp: float = 0.01) -> torch.Tensor:
+    """``SparseGPT.fasterprune`` (unstructured, no quantizer) on ``H`` (``2 X^T X / n``)."""
+    w, h = w.clone(), h.clone()
+    rows, columns = w.shape
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    diag = torch.arange(columns)
+    h[diag, diag] += percdamp * torch.mean(torch.diag(h))
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        w1, q1, err = w[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, dtype=w.dtype), torch.zeros(rows, i2 - i1,
+                                                                                                 dtype=w.dtype)
+        hinv1 = hinv[i1:i2, i1:i2]
+        tmp = w1**2 / (torch.diag(hinv1).reshape((1, -1))) ** 2
+        pruned = tmp <= torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
+        for i in range(i2 - i1):
+            q = w1[:, i].clone()
+            q[pruned[:, i]] = 0
+            q1[:, i] = q
+            err[:, i] = (w1[:, i] - q) / hinv1[i, i]
+            w1[:, i:] -= err[:, i].unsqueeze(1).matmul(hinv1[i, i:].unsqueeze(0))
+        w[:, i1:i2] = q1
+        w[:, i2:] -= err.matmul(hinv[i1:i2, i2:])
+    return w
+
+
 def reference_admm(weight: torch.Tensor, xx: torch.Tensor, sparsity: float, percdamp: float = 0.1,
                    iterative_prune: int = 15, iters: int = 20) -> torch.Tensor:
     """``AdmmPruner.fasterprune`` with its defaults (unstructured, ``per_out=False``) on ``X^T X``."""
@@ -50,6 +82,24 @@ def reference_admm(weight: torch.Tensor, xx: torch.Tensor, sparsity: float, perc
     return ((w + u) * mask).T / norm
 
 
+@pytest.mark.parametrize("blocksize", [128, 8])
+def test_sparsegpt_is_the_reference_update(blocksize):
+    # density * rows * block columns is never an integer here, so the reference keeps our count in every block
+    # (20 columns: one block of 20, or blocks of 8, 8 and a partial 4)
+    w, g = correlated_problem(7, 20, 0, D64)
+    ours = factorize("sparsegpt", w, 0.33, g, blocksize=blocksize)
+    ref = reference_sparsegpt(w, 2 * g, 0.67, blocksize)
+    assert torch.equal(ours.first_mask, ref != 0)
+    torch.testing.assert_close(ours.first, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_sparsegpt_keeps_one_weight_more_per_block_where_the_reference_prunes_the_threshold_too():
+    w, g = correlated_problem(8, 24, 1, D64)  # 0.5 * 8 * 8 = 32: an integer in each block of 8
+    ours = factorize("sparsegpt", w, 0.5, g, blocksize=8)
+    ref = reference_sparsegpt(w, 2 * g, 0.5, blocksize=8)
+    assert ours.nnz == nnz_budget(0.5, w.numel()) == int((ref != 0).sum()) + 3
+
+
 def test_admm_is_the_reference_with_its_defaults():
     w, g = correlated_problem(12, 24, 2, D64)
     # 0.25 * 288 is an integer: the reference keeps numel - int(sparsity * numel), one more than the budget otherwise
@@ -67,6 +117,11 @@ def test_admm_is_the_reference_with_its_defaults():
 def test_budgets_hold_exactly(shape, density):
     w, g = correlated_problem(*shape, seed=3)
     budget = nnz_budget(density, w.numel())
+    for blocksize in (128, 16):
+        res = factorize("sparsegpt", w, density, g, blocksize=blocksize)
+        per_block = sum(nnz_budget(density, shape[0] * len(c)) for c in torch.arange(shape[1]).split(blocksize))
+        assert res.nnz == per_block <= budget and budget - per_block < math.ceil(shape[1] / blocksize)
+        assert bool((res.first[~res.first_mask] == 0).all())
     admm = factorize("admm", w, density, g)
     assert admm.nnz == budget and bool((admm.first[~admm.first_mask] == 0).all())
     rows = factorize("admm", w, density, g, per_row=True, mask_iters=5, iters=8).first_mask.sum(1)
@@ -76,6 +131,13 @@ def test_budgets_hold_exactly(shape, density):
 # ---------------------------------------------------------------------------------------------
 # quality and convergence
 # ---------------------------------------------------------------------------------------------
+def test_sparsegpt_reconstructs_a_layer_far_better_than_magnitude():
+    w, g = correlated_problem(48, 256, 4)
+    for density in (0.5, 0.3):
+        errs = {m: factorize(m, w, density, g).error for m in ("magnitude", "wanda", "sparsegpt")}
+        assert errs["sparsegpt"] < 0.5 * errs["magnitude"] and errs["sparsegpt"] < errs["wanda"], (density, errs)
+
+
 def test_admm_converges_and_keeps_the_count():
     w, g = correlated_problem(24, 64, 5, D64)
     budget = nnz_budget(0.4, w.numel())
@@ -108,7 +170,19 @@ def test_admm_without_a_gram_is_the_projection():
 # ---------------------------------------------------------------------------------------------
 # errors
 # ---------------------------------------------------------------------------------------------
+def test_sparsegpt_needs_a_gram_and_says_so_naming_the_layer():
+    assert METHODS["sparsegpt"].needs_gram and not METHODS["sparsegpt"].two_factor
+    w = torch.randn(8, 16)
+    with pytest.raises(ValueError, match=r"layer 'model\.layers\.0\.mlp\.up_proj': sparsegpt needs calibration"):
+        factorize("sparsegpt", w, 0.5, name="model.layers.0.mlp.up_proj")
+    with pytest.raises(ValueError, match="method 'sparsegpt' needs calibration data"):
+        PruneConfig(density=0.5, method="sparsegpt")
+
+
 @pytest.mark.parametrize("method, options, match", [
+    ("sparsegpt", {"blocksize": 0}, "blocksize must be an int >= 1"),
+    ("sparsegpt", {"percdamp": -0.1}, "percdamp must be a finite number >= 0"),
+    ("sparsegpt", {"blocksize": 2}, r"keeps no weight of a block of 2 columns of 4 rows"),
     ("admm", {"mask_iters": 30}, "mask_iters=30 exceeds iters=20"),
     ("admm", {"damping": -1.0}, "damping must be a number >= 0"),
     ("admm", {"per_row": True, "iters": 3, "mask_iters": 2}, "keeps no weight per output row"),

@@ -46,6 +46,7 @@ from dsf_lightning.factorization.problem import (
     row_budget,
     validate_problem,
 )
+from dsf_lightning.factorization.sparsegpt import BLOCKSIZE, PERCDAMP, check_sparsegpt, sparsegpt_prune
 
 #: Keyword arguments every method receives from the caller, never as options.
 RESERVED_OPTIONS = frozenset({"weight", "density", "gram", "name"})
@@ -108,6 +109,10 @@ def _admm(out: int, fan_in: int, density: float, options: Mapping[str, Any], nam
         row_budget(density, fan_in, name)
 
 
+def _sparsegpt(out: int, fan_in: int, density: float, options: Mapping[str, Any], name: str | None) -> None:
+    check_sparsegpt(out, fan_in, density, options.get("blocksize", BLOCKSIZE), options.get("percdamp", PERCDAMP), name)
+
+
 def _low_rank(out: int, fan_in: int, density: float, options: Mapping[str, Any], name: str | None) -> None:
     svd_rank(nnz_budget(density, out * fan_in), out, fan_in, name)
 
@@ -124,6 +129,7 @@ METHODS: dict[str, Method] = {
         Method("magnitude", magnitude_prune, needs_gram=False, two_factor=False, budget_rule=_no_rule),
         Method("wanda", wanda_prune, needs_gram=True, two_factor=False, budget_rule=_per_row),
         Method("admm", admm_prune, needs_gram=False, two_factor=False, budget_rule=_admm),
+        Method("sparsegpt", sparsegpt_prune, needs_gram=True, two_factor=False, budget_rule=_sparsegpt),
         Method("svd", low_rank_svd, needs_gram=False, two_factor=True, budget_rule=_low_rank),
     )
 }
@@ -168,6 +174,7 @@ __all__ = [
     "reconstruction_error",
     "rho0_schedule",
     "row_budget",
+    "sparsegpt_prune",
     "square_factor_nnz",
     "svd_rank",
     "sylvester_solve",
