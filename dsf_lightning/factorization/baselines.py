@@ -121,7 +121,7 @@ def admm_prune(weight: Tensor, density: float, gram: Tensor | None = None, *, it
     xx = torch.eye(fan_in, dtype=w.dtype, device=w.device) if g is None else g
     norm = xx.diagonal().sqrt() + NORM_EPS
     h = (xx / norm[None, :]) / norm[:, None]
-    h.diagonal().add_(damping * h.diagonal().mean())
+    h.diagonal().add_(damping * torch.diag(h).mean())  # a contiguous copy: summed as the reference sums it
     v = (w * norm).T
     xy = h @ v
     h.diagonal().add_(ADMM_RHO)

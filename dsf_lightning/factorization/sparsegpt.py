@@ -68,7 +68,7 @@ def inverse_hessian_factor(gram: Tensor, percdamp: float, name: str | None = Non
     h = 2 * gram
     dead = h.diagonal() == 0
     h.diagonal()[dead] = 1
-    h.diagonal().add_(percdamp * h.diagonal().mean())
+    h.diagonal().add_(percdamp * torch.diag(h).mean())  # a contiguous copy: summed as the reference sums it
     try:
         h_inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
         return torch.linalg.cholesky(h_inv, upper=True), dead
