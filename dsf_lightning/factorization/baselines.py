@@ -108,6 +108,8 @@ def admm_prune(weight: Tensor, density: float, gram: Tensor | None = None, *, it
       reference's default, ``per_out=False``: its cubic schedule is computed but unused there). With
       ``per_row=True`` (the reference's ``per_out=True``): ``int(density * fan_in)`` per output row, reached
       gradually on the cubic schedule. ``mask_iters=0``: one mask from the dense ``|V|``, then only refits.
+      The reference prunes ``int(sparsity * n)`` of the ``n`` weights (of the layer, or of a row): the same
+      count when ``density * n`` is an integer; when it is not, it keeps one weight more than this budget.
 
     Without a gram this is the projection (``G = I``). ``(H + rho I)^{-1}`` is an explicit inverse like the
     reference's (``H + rho I`` has eigenvalues >= 1 + damping). benchmarks/RESULTS.md compares it with the
