@@ -70,7 +70,7 @@ class DSFPruneCallback(Callback):
     Args:
         density: kept fraction in ``(0, 1]`` of every target layer (both DSF factors together); or
             pass ``config`` instead of ``density``, ``method`` and the prune fields below.
-        method: ``"dsf"``, ``"magnitude"``, ``"wanda"`` (needs calibration), ``"admm"``, ``"svd"``.
+        method: ``"dsf"``, ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` (need calibration), ``"admm"``, ``"svd"``.
         config: a :class:`~dsf_lightning.config.PruneConfig` describing the whole prune.
         calibration_batches, include, exclude, family, densities, factorization_options, seed,
             forward_mode, balance_norms: the :class:`~dsf_lightning.config.PruneConfig` fields.

@@ -36,7 +36,7 @@ class PruneConfig:
     Args:
         density: kept fraction in ``(0, 1]`` of every target layer (both DSF factors together).
         method: a :data:`~dsf_lightning.factorization.METHODS` name: ``"dsf"``, ``"magnitude"``,
-            ``"wanda"`` (needs calibration), ``"admm"``, ``"svd"``.
+            ``"wanda"`` and ``"sparsegpt"`` (need calibration), ``"admm"``, ``"svd"``.
         factorization_options: keyword options of the method (e.g. ``{"outer_iters": 10}``).
         densities: per-layer density overrides ``{layer name: density}``; they keep their density under
             any ``allocation``, which spreads the rest of the budget.

@@ -45,8 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="decoder blocks (0..29) whose 7 linear layers are pruned (default: 3)")
     p.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.3],
                    help="fractions of weights kept, each in (0, 1] (default: 0.5 0.3)")
-    p.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "admm", "dsf"],
-                   choices=sorted(METHODS), help="methods to compare (default: magnitude wanda admm dsf)")
+    p.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "admm", "dsf"],
+                   choices=sorted(METHODS), help="methods to compare (default: magnitude wanda sparsegpt admm dsf)")
     p.add_argument("--calib-sequences", type=int, default=32, help="calibration windows (default: 32)")
     p.add_argument("--eval-sequences", type=int, default=32, help="held-out windows for perplexity (default: 32)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default: 128)")

@@ -38,6 +38,8 @@ def cases() -> list[tuple[str, str, int, int, float, bool, dict[str, Any]]]:
         ("wanda", "wanda", 24, 40, 0.3, True, {}),
         ("admm", "admm", 24, 40, 0.3, True, {}),
         ("svd", "svd", 24, 40, 0.5, True, {}),
+        ("admm-per-row", "admm", 24, 40, 0.3, True, {"per_row": True}),
+        ("sparsegpt", "sparsegpt", 24, 300, 0.3, True, {}),
     ]
 
 

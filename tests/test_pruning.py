@@ -303,7 +303,7 @@ def test_equal_shape_small_layers_are_solved_in_batches_with_per_layer_results()
 @pytest.mark.parametrize("kwargs, match", [
     (dict(density=0.0), r"density must be a number in \(0, 1\]"),
     (dict(density=1.5), r"density must be a number in \(0, 1\]"),
-    (dict(method="sparsegpt"), r"unknown method 'sparsegpt'; valid methods: \['admm', 'dsf'"),
+    (dict(method="obc"), r"unknown method 'obc'; valid methods: \['admm', 'dsf'"),
     (dict(method="wanda"), "needs calibration data"),
     (dict(densities={"model.layers.0.mlp.up_prj": 0.2}), r"model\.layers\.0\.mlp\.up_proj"),
     (dict(densities={"lm_head": 0.2}), "not a target layer .skipped: outside"),

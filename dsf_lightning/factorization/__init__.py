@@ -17,7 +17,17 @@ from typing import Any
 from torch import Tensor
 
 from dsf_lightning.factorization.admm import EPS, ADMMSolution, admm_masked_lstsq, cubic_sparsity, topk_mask
-from dsf_lightning.factorization.baselines import admm_prune, low_rank_svd, magnitude_prune, svd_rank, wanda_prune
+from dsf_lightning.factorization.baselines import (
+    ADMM_DAMPING,
+    ADMM_ITERS,
+    ADMM_MASK_ITERS,
+    admm_prune,
+    check_admm_options,
+    low_rank_svd,
+    magnitude_prune,
+    svd_rank,
+    wanda_prune,
+)
 from dsf_lightning.factorization.dsf import (
     PRESETS,
     SPLIT_RULES,
@@ -40,6 +50,7 @@ from dsf_lightning.factorization.problem import (
     row_budget,
     validate_problem,
 )
+from dsf_lightning.factorization.sparsegpt import BLOCKSIZE, PERCDAMP, check_sparsegpt, sparsegpt_prune
 
 #: Keyword arguments every method receives from the caller, never as options.
 RESERVED_OPTIONS = frozenset({"weight", "density", "gram", "name"})
@@ -100,6 +111,17 @@ def _per_row(out: int, fan_in: int, density: float, options: Mapping[str, Any], 
     row_budget(density, fan_in, name)
 
 
+def _admm(out: int, fan_in: int, density: float, options: Mapping[str, Any], name: str | None) -> None:
+    check_admm_options(options.get("iters", ADMM_ITERS), options.get("mask_iters", ADMM_MASK_ITERS),
+                       options.get("damping", ADMM_DAMPING), name)
+    if options.get("per_row", False):
+        row_budget(density, fan_in, name)
+
+
+def _sparsegpt(out: int, fan_in: int, density: float, options: Mapping[str, Any], name: str | None) -> None:
+    check_sparsegpt(out, fan_in, density, options.get("blocksize", BLOCKSIZE), options.get("percdamp", PERCDAMP), name)
+
+
 def _low_rank(out: int, fan_in: int, density: float, options: Mapping[str, Any], name: str | None) -> None:
     svd_rank(nnz_budget(density, out * fan_in), out, fan_in, name)
 
@@ -116,7 +138,8 @@ METHODS: dict[str, Method] = {
                batch_fn=double_sparse_factorize_batch),
         Method("magnitude", magnitude_prune, needs_gram=False, two_factor=False, budget_rule=_no_rule),
         Method("wanda", wanda_prune, needs_gram=True, two_factor=False, budget_rule=_per_row),
-        Method("admm", admm_prune, needs_gram=False, two_factor=False, budget_rule=_per_row),
+        Method("admm", admm_prune, needs_gram=False, two_factor=False, budget_rule=_admm),
+        Method("sparsegpt", sparsegpt_prune, needs_gram=True, two_factor=False, budget_rule=_sparsegpt),
         Method("svd", low_rank_svd, needs_gram=False, two_factor=True, budget_rule=_low_rank),
     )
 }
@@ -177,6 +200,7 @@ __all__ = [
     "reconstruction_error",
     "rho0_schedule",
     "row_budget",
+    "sparsegpt_prune",
     "square_factor_nnz",
     "svd_rank",
     "sylvester_solve",

@@ -105,7 +105,7 @@ def check_budget(out: int, fan_in: int, density: float, name: str | None = None)
 
 
 def row_budget(density: float, fan_in: int, name: str | None = None) -> int:
-    """Weights kept per output row by per-row methods (Wanda, ADMM pruning): ``int(density * fan_in)``."""
+    """Weights kept per output row by per-row methods (Wanda, ADMM's ``per_row``): ``int(density * fan_in)``."""
     keep = int(density * fan_in)
     if keep < 1:
         raise ValueError(f"{where(name)}density {density} keeps no weight per output row of {fan_in} inputs; "

@@ -25,7 +25,7 @@ __all__ = [
 
 WANDB_PROJECT = "dsf-lightning"
 #: The methods the recipes' ``--method`` offers (a config file may name any registered one: ``prune.method``).
-RECIPE_METHODS: tuple[str, ...] = ("dsf", "magnitude", "wanda", "admm")
+RECIPE_METHODS: tuple[str, ...] = ("dsf", "magnitude", "wanda", "admm", "sparsegpt")
 WandbMode = Literal["auto", "online", "offline", "off"]
 WANDB_MODES: tuple[WandbMode, ...] = ("auto", "online", "offline", "off")
 
@@ -175,13 +175,13 @@ def shared_flags() -> list[Flag]:
         *group(
             "pruning",
             flag("--method", to="prune.method", choices=RECIPE_METHODS,
-                 help="dsf: double sparse factorization W ~= S @ F; magnitude / wanda / admm: single-mask pruning "
-                      "baselines with the same per-layer budget"),
+                 help="dsf: double sparse factorization W ~= S @ F; the others: single-mask pruning baselines "
+                      "with the same per-layer budget"),
             flag("--density", to="prune.density", type=_density,
                  help="fraction of weights kept in every pruned layer (both DSF factors together)"),
             flag("--calibration-batches", to="prune.calibration_batches", type=int,
                  help="0: data-free weight projection (the paper's fine-tuning setting); N > 0: layer-wise pruning "
-                      "with input Grams of N training batches (wanda needs this)"),
+                      "with input Grams of N training batches (wanda and sparsegpt need this)"),
             flag("--bn-recalibration-batches", to="finetune.bn_recalibration_batches", type=int,
                  help="N > 0: after pruning, re-estimate BatchNorm statistics on N training batches "
                       "(logged as bn_recalibrated/*)"),
