@@ -6,9 +6,10 @@ Sources (:class:`TextSource`: named documents):
   ~730k SmolLM2 tokens), split into disjoint articles: every third article (index ``i % 3 == 2``)
   is evaluation text, the others calibration and fine-tuning text (:func:`wikipedia_split`);
 * ``"c4"`` and ``"wikitext2"`` through ``datasets`` (the hub or its local cache), the paper's
-  setting: calibration from C4's first training shard (documents in a seeded random order, as
-  SparseGPT draws them), evaluation on WikiText-2's test split (``"wikitext2"``) or SparseGPT's C4
-  validation protocol (the first 1,100 documents joined by spaces, at most 256 windows);
+  setting: calibration from C4's first training shard (documents in a seeded random order; unlike
+  SparseGPT, which cuts each window inside one random document, a window here may span two), evaluation
+  on WikiText-2's test split (``"wikitext2"``) or SparseGPT's C4 validation protocol (the first 1,100
+  documents joined by spaces, at most 256 windows);
 * local text files: as calibration text every file is a document; as evaluation text every file is
   its own text, named by its stem.
 
@@ -19,7 +20,8 @@ Windows (``(n, seq_len)`` ``torch.long`` token ids):
   tail shorter than a window is dropped. This is the WikiText-2 protocol of SparseGPT and Wanda, and
   what a direct ``transformers`` evaluation of the same windows does;
 * calibration (:func:`calibration_windows`): the documents are tokenized one by one (no special
-  tokens) into one stream, and ``samples`` disjoint windows are drawn at random window slots (seeded);
+  tokens; ``"\n\n"`` after each) into one stream, and ``samples`` disjoint windows are drawn at random
+  window slots (seeded), the same rule for every source;
 * fine-tuning: consecutive windows of that same stream (:func:`consecutive_windows`).
 
 Sequence length (:func:`model_context`, :func:`resolve_seq_len`): the model's context is the smallest

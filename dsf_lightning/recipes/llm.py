@@ -317,6 +317,9 @@ def prepare_llama(config: LlamaRecipeConfig) -> LlamaPrepared:
         raise ValueError("run.fast_dev_run and run.limit_batches are not used by the LLM recipe: quick runs use "
                          "--finetune-steps, --calibration-samples, --eval-samples and --seq-len")
     world = run.devices * run.num_nodes if isinstance(run.devices, int) else None
+    if world is not None and world > data.calibration_samples:
+        raise ValueError(f"--calibration-samples {data.calibration_samples} is fewer than the {world} processes: "
+                         f"every process calibrates on its share of the windows")
     calib_src = calibration_source(data.calibration, data.calibration_text)
     evals_src = eval_sources(data.eval, data.eval_text)
     model, tokenizer, source = load_causal_lm(config.model.name_or_path, config.model.dtype)
@@ -329,9 +332,6 @@ def prepare_llama(config: LlamaRecipeConfig) -> LlamaPrepared:
     cap = max(4 * data.calibration_samples, ft_windows) * seq_len if calib_src.shuffle else None
     calibration, stream = calibration_windows(tokenizer, calib_src, seq_len, data.calibration_samples,
                                               config.prune.seed, max_tokens=cap)
-    if world is not None and world > data.calibration_samples:
-        raise ValueError(f"--calibration-samples {data.calibration_samples} is fewer than the {world} processes: "
-                         f"every process calibrates on its share of the windows")
     train = None
     if ft.steps > 0:
         train = consecutive_windows(stream, seq_len, what=f"fine-tuning text {calib_src.name!r}")

@@ -232,6 +232,8 @@ def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
     run, ft, p = config.run, config.finetune, config.prune
     device = launch(run)
     rank, size = world()
+    if size > prepared.calibration.shape[0]:  # --devices auto: the count is only known now
+        raise ValueError(f"--calibration-samples {prepared.calibration.shape[0]} is fewer than the {size} processes")
     progress = run.progress_bar and rank == 0
     out = config.logging.output_dir
     write_config(config, out)
