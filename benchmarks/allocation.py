@@ -54,7 +54,8 @@ def llm(args: argparse.Namespace) -> None:
     import torch
 
     from dsf_lightning import PruneConfig, prune
-    from dsf_lightning.data import load_smollm2, perplexity, token_batches, wikipedia_texts
+    from dsf_lightning.data import load_smollm2, token_batches, wikipedia_texts
+    from dsf_lightning.perplexity import perplexity
 
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()

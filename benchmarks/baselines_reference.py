@@ -47,13 +47,13 @@ import math
 import time
 
 import torch
+from llm_block import block_linears, perplexity  # benchmarks/ is the script directory
 from torch import nn
 
 from dsf_lightning.calibration import InputGramRecorder
 from dsf_lightning.config import PruneConfig
 from dsf_lightning.data import load_smollm2, token_batches, wikipedia_texts
 from dsf_lightning.factorization import factorize, reconstruction_error
-from dsf_lightning.llm_demo import block_linears, perplexity
 from dsf_lightning.pruning import prune
 
 METHODS = ("sparsegpt", "admm", "wanda")

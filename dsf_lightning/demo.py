@@ -23,7 +23,8 @@ BatchNorm network away from their init in few steps (it raises the effective lea
 layers that prune like trained ones (magnitude loses ~37-39% at 10%, in the range of torchvision's
 ResNet-50). 16x16 inputs keep the 8x8 digits' information and make 30 epochs fit.
 
-The LLM layer-wise comparison on SmolLM2-135M is ``python -m dsf_lightning.llm_demo``.
+The LLM run on SmolLM2-135M is ``make demo-llm`` (``recipes/llama.py``); the one-block layer-wise
+comparison of every method is ``python benchmarks/llm_block.py``.
 """
 
 from __future__ import annotations

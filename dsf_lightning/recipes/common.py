@@ -1,4 +1,4 @@
-"""What the vision recipes do alike: W&B, the Trainer, weights files, the training stages, results, the main wrapper.
+"""What the recipes do alike: W&B, the Trainer, weights files, the training stages, results, the main wrapper.
 
 Every recipe is split in two: ``prepare(config)`` makes every input check and builds the data module,
 prune callback and model (nothing trains), and the run trains. :func:`recipe_main` prints the errors of
@@ -28,6 +28,7 @@ from dsf_lightning.recipes.sections import RecipeConfig
 __all__ = [
     "Prepared",
     "build_prune_callback",
+    "finish_wandb",
     "load_weights_file",
     "make_trainer",
     "make_wandb_logger",
@@ -86,7 +87,8 @@ def make_wandb_logger(config: RecipeConfig, *, model: str, dataset: str, name: s
     return logger
 
 
-def _finish_wandb(logger: Any) -> None:
+def finish_wandb(logger: Any) -> None:
+    """End the W&B run of ``logger`` (a ``WandbLogger`` or ``None``) so the next stage starts its own."""
     if logger is None:
         return
     import wandb
@@ -209,7 +211,7 @@ def train_dense(config: RecipeConfig, module: pl.LightningModule, datamodule: pl
     try:
         trainer.fit(module, datamodule=datamodule)
     finally:
-        _finish_wandb(logger)
+        finish_wandb(logger)
     if save_to and trainer.is_global_zero and not config.run.fast_dev_run:
         os.makedirs(os.path.dirname(os.path.abspath(save_to)), exist_ok=True)
         torch.save(module.backbone.state_dict(), save_to)
@@ -231,7 +233,7 @@ def prune_and_finetune(config: RecipeConfig, module: pl.LightningModule, datamod
     try:
         trainer.fit(module, datamodule=datamodule)
     finally:
-        _finish_wandb(logger)
+        finish_wandb(logger)
     return dict(callback.metrics), trainer
 
 

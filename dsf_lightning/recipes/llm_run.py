@@ -1,0 +1,278 @@
+"""Running a prepared LLM recipe: start the ranks, evaluate, prune, fine-tune, export, record the protocol and results.
+
+The run is one SPMD program: with more than one device :func:`launch` starts the other ranks first
+(Lightning's own launcher, through Fabric: the script is started again for every other local rank, or
+``torchrun``/SLURM already started them) and joins the process group, and every rank then runs
+:func:`execute_llama`:
+
+1. dense perplexity on every evaluation text (each rank scores its share of the windows; sums
+   all-reduced);
+2. ``prune(model, config.prune, calibration=<this rank's windows>, executor=distributed_executor())``:
+   sequential, so one decoder block's Grams at a time (all-reduced), its layers split across the ranks,
+   the factors broadcast, so every rank holds the same pruned model;
+3. ``pre_finetune`` perplexity; fine-tuning with ``Trainer(strategy="ddp")`` (the process group already
+   exists, so Lightning launches nothing) + :class:`~dsf_lightning.models.CausalLM`; ``post_finetune``;
+4. rank zero: ``packed/`` and ``merged/`` exports, ``results.json``, the summary.
+
+FSDP is not supported: the prune and the perplexity evaluations run on whole (unsharded) modules on every
+rank, and the exports would need a gathered state dict; the recipe refuses other strategies than
+``ddp``/``auto`` in ``prepare``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor, nn
+
+from dsf_lightning.data.text import TextDataModule, TextSource
+from dsf_lightning.distributed import distributed_executor, world
+from dsf_lightning.export import save_packed
+from dsf_lightning.models.causal_lm import PACKED_FILE, CausalLM, set_activation_checkpointing
+from dsf_lightning.perplexity import perplexity
+from dsf_lightning.pruning import prune
+from dsf_lightning.recipes.common import finish_wandb, make_wandb_logger, run_name, write_config
+from dsf_lightning.report import PruneReport
+from dsf_lightning.sequential import decoder_blocks
+from dsf_lightning.structure import merge
+
+__all__ = ["STRATEGIES", "LlamaPrepared", "execute_llama", "export_pruned", "launch", "protocol_record", "versions"]
+
+#: Lightning strategies the LLM recipe runs under (``None`` in the config: ``ddp`` on several devices).
+STRATEGIES: tuple[str, ...] = ("ddp", "auto")
+STAGES = ("dense", "pre_finetune", "post_finetune")
+
+
+@dataclass
+class LlamaPrepared:
+    """A checked LLM run, ready to go: its config (``seq_len`` and output directory resolved), the model and
+    tokenizer, names for W&B, the token windows and the protocol record."""
+
+    config: Any  # LlamaRecipeConfig
+    model: nn.Module
+    tokenizer: Any
+    model_name: str
+    calibration_name: str
+    calibration: Tensor  # (calibration_samples, seq_len)
+    train: Tensor | None  # (n, seq_len) fine-tuning windows
+    evals: dict[str, Tensor]  # name -> (k, seq_len)
+    protocol: dict[str, Any]
+
+
+def versions() -> dict[str, str | None]:
+    """Python's and the libraries' versions (``None``: not installed)."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("dsf-lightning", "torch", "transformers", "tokenizers", "lightning", "torchmetrics", "datasets"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def protocol_record(config: Any, *, name: str, model: nn.Module, source: str, context: tuple[int | None, str],
+                    calibration_source: TextSource, calibration: Tensor, stream: Tensor,
+                    eval_sources: list[TextSource], evals: dict[str, Tensor], eval_tokens: dict[str, int],
+                    train: Tensor | None) -> dict[str, Any]:
+    """What every result was measured on: model, calibration text and tokens, sequence length, each
+    evaluation text and its tokens, fine-tuning text, method, library versions."""
+    seq_len, p = config.data.seq_len, config.prune
+    origins = {s.name: s.origin for s in eval_sources}
+    return {
+        "model": {"name": name, "source": source, "class": type(model).__name__, "dtype": config.model.dtype,
+                  "parameters": sum(t.numel() for t in model.parameters()),
+                  "decoder_blocks": len(decoder_blocks(model)),
+                  "context": context[0], "context_source": context[1]},
+        "seq_len": seq_len,
+        "calibration": {"text": calibration_source.name, "origin": calibration_source.origin,
+                        "samples": calibration.shape[0], "tokens": calibration.numel(), "text_tokens": stream.numel(),
+                        "sampling": "disjoint windows at random slots of the tokenized text", "seed": p.seed},
+        "eval": {n: {"origin": origins[n], "text_tokens": eval_tokens[n], "windows": w.shape[0],
+                     "scored_tokens": w.shape[0] * (seq_len - 1)} for n, w in evals.items()},
+        "eval_protocol": "text tokenized whole, consecutive non-overlapping windows (tail dropped), each scored "
+                         "alone; perplexity = exp(total NLL / scored tokens)",
+        "finetune": None if train is None else {"text": calibration_source.name, "windows": train.shape[0],
+                                                "tokens": train.numel(), "steps": config.finetune.steps},
+        "prune": {"method": p.method, "density": p.density, "sequential": p.sequential,
+                  "targets": "every Linear of the decoder blocks" if p.include is None else list(p.include)},
+        "versions": versions(),
+    }
+
+
+def _strategy(run: Any) -> str:
+    multi = (isinstance(run.devices, int) and run.devices > 1) or run.num_nodes > 1
+    return run.strategy or ("ddp" if multi else "auto")
+
+
+def _precision(run: Any) -> str:
+    if run.precision:
+        return run.precision
+    if torch.cuda.is_available() and run.accelerator in ("auto", "gpu", "cuda"):
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def launch(run: Any) -> torch.device:
+    """Start the ranks of a multi-process run and join the process group (nothing for one process);
+    returns this rank's device."""
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator=run.accelerator, devices=run.devices, num_nodes=run.num_nodes,
+                    strategy=_strategy(run), precision="32-true")
+    if fabric.world_size > 1 and not torch.distributed.is_initialized():
+        fabric.launch()
+        rank_zero_only.rank = fabric.global_rank
+    return fabric.device
+
+
+def _evaluate(prepared: LlamaPrepared, model: nn.Module, device: torch.device, progress: bool) -> dict[str, float]:
+    return {n: perplexity(model, w, batch_size=prepared.config.data.batch_size, device=device, progress=progress,
+                          desc=f"perplexity {n}").perplexity for n, w in prepared.evals.items()}
+
+
+def _log(logger: Any, metrics: dict[str, float], step: int) -> None:
+    if logger is not None:
+        logger.log_metrics(metrics, step=step)
+
+
+def _log_report(logger: Any, report: PruneReport) -> None:
+    if logger is None:
+        return
+    renamed = {"layers": "layers_pruned", "skipped": "layers_skipped"}
+    _log(logger, {f"dsf/{renamed.get(k, k)}": float(v) for k, v in report.totals().items()}, 0)
+    rows = report.to_rows()
+    if rows and rank_zero_only.rank == 0 and hasattr(logger, "log_table"):
+        columns = list(rows[0])
+        logger.log_table(key="dsf/layers", columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+
+
+def _prune(prepared: LlamaPrepared, model: nn.Module, device: torch.device, progress: bool) -> PruneReport:
+    config = prepared.config
+    rank, size = world()
+    batches = list(prepared.calibration[rank::size].split(config.data.batch_size))
+
+    def forward(m: nn.Module, ids: Tensor) -> Any:
+        return m(input_ids=ids.to(device), use_cache=False)
+
+    torch.manual_seed(config.prune.seed)
+    return prune(model, config.prune, calibration=batches if config.prune.calibrated else None, forward=forward,
+                 executor=distributed_executor(progress) if size > 1 else None, progress=progress)
+
+
+def _finetune(prepared: LlamaPrepared, model: nn.Module, logger: Any, progress: bool) -> int:
+    """Fine-tune ``model`` in place (``Trainer`` + ``CausalLM``); returns the optimizer steps taken."""
+    config = prepared.config
+    ft, run = config.finetune, config.run
+    module = CausalLM(model, lr=ft.lr, weight_decay=ft.weight_decay, warmup_steps=ft.warmup,
+                      lr_schedule=ft.lr_schedule, min_lr_ratio=ft.min_lr_ratio,
+                      gradient_checkpointing=config.model.gradient_checkpointing)
+    val = next(iter(prepared.evals.values())) if ft.val_every else None
+    dm = TextDataModule(prepared.train, val, batch_size=ft.batch_size, num_workers=run.num_workers)
+    trainer = pl.Trainer(
+        accelerator=run.accelerator, devices=run.devices, num_nodes=run.num_nodes, strategy=_strategy(run),
+        precision=_precision(run), max_steps=ft.steps, max_epochs=-1,
+        accumulate_grad_batches=ft.accumulate_grad_batches,
+        gradient_clip_val=ft.gradient_clip_val, logger=logger if logger is not None else False,
+        callbacks=[LearningRateMonitor(logging_interval="step")] if logger is not None else [],
+        enable_checkpointing=False, num_sanity_val_steps=0, val_check_interval=ft.val_every,
+        check_val_every_n_epoch=None if ft.val_every else 1, limit_val_batches=None if ft.val_every else 0,
+        log_every_n_steps=max(1, min(10, ft.steps)), enable_progress_bar=progress, enable_model_summary=False,
+        default_root_dir=config.logging.output_dir)
+    pl.seed_everything(run.seed, workers=True, verbose=False)  # the order of the fine-tuning windows
+    trainer.fit(module, datamodule=dm)
+    if config.model.gradient_checkpointing:
+        set_activation_checkpointing(model, False)
+    return trainer.global_step
+
+
+def export_pruned(model: nn.Module, tokenizer: Any, output_dir: str, packed: bool = True, merged: bool = True
+                  ) -> dict[str, Any]:
+    """``output_dir/packed/`` (``save_packed`` + config + tokenizer) and ``output_dir/merged/`` (``merge`` in
+    place, then ``save_pretrained`` + tokenizer); returns the folders and the packed file's size."""
+    out: dict[str, Any] = {}
+    if packed:
+        folder = os.path.join(output_dir, "packed")
+        os.makedirs(folder, exist_ok=True)
+        out["packed_bytes"] = save_packed(model, os.path.join(folder, PACKED_FILE))
+        model.config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        out["packed"] = folder
+    if merged:
+        folder = os.path.join(output_dir, "merged")
+        merge(model)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        out["merged"] = folder
+    return out
+
+
+def summary(name: str, ppl: dict[str, dict[str, float]], seconds: dict[str, float], seq_len: int) -> str:
+    """The perplexity table printed at the end of a run."""
+    lines = [f"{name}: perplexity (windows of {seq_len} tokens)",
+             f"  {'eval text':<20}{'dense':>12}{'pruned':>12}{'fine-tuned':>12}"]
+    for n in ppl["dense"]:
+        lines.append(f"  {n:<20}" + "".join(f"{ppl[s][n]:>12.6g}" for s in STAGES))
+    lines.append("  " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    return "\n".join(lines)
+
+
+def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
+    """Run a prepared LLM recipe on every rank (module docstring); returns the results (``results.json``)."""
+    config = prepared.config
+    run, ft, p = config.run, config.finetune, config.prune
+    device = launch(run)
+    rank, size = world()
+    if size > prepared.calibration.shape[0]:  # --devices auto: the count is only known now
+        raise ValueError(f"--calibration-samples {prepared.calibration.shape[0]} is fewer than the {size} processes")
+    progress = run.progress_bar and rank == 0
+    out = config.logging.output_dir
+    write_config(config, out)
+    logger = make_wandb_logger(config, model=prepared.model_name, dataset=prepared.calibration_name,
+                               name=run_name(prepared.model_name, p.method, p.density, run.seed),
+                               tags=[prepared.model_name, p.method, f"density={p.density:g}"],
+                               job_type="prune-finetune")
+    if logger is not None:
+        logger.log_hyperparams({"protocol": prepared.protocol})
+    model = prepared.model.to(device)
+    ppl: dict[str, dict[str, float]] = {}
+    try:
+        ppl["dense"] = _evaluate(prepared, model, device, progress)
+        _log(logger, {f"dense/ppl/{n}": v for n, v in ppl["dense"].items()}, 0)
+        start = time.perf_counter()
+        report = _prune(prepared, model, device, progress)
+        seconds = {"prune_seconds": time.perf_counter() - start}
+        _log_report(logger, report)
+        ppl["pre_finetune"] = _evaluate(prepared, model, device, progress)
+        _log(logger, {f"pre_finetune/ppl/{n}": v for n, v in ppl["pre_finetune"].items()}, 0)
+        steps = 0
+        if ft.steps > 0:
+            start = time.perf_counter()
+            steps = _finetune(prepared, model, logger, progress)
+            seconds["finetune_seconds"] = time.perf_counter() - start
+            ppl["post_finetune"] = _evaluate(prepared, model, device, progress)
+        else:  # no fine-tuning: the model after zero steps is the pruned one
+            ppl["post_finetune"] = dict(ppl["pre_finetune"])
+        _log(logger, {f"post_finetune/ppl/{n}": v for n, v in ppl["post_finetune"].items()}, steps)
+        result: dict[str, Any] = {"perplexity": ppl, **seconds, "finetune_steps": steps, "world_size": size,
+                                  "protocol": prepared.protocol, "prune": report.totals(), "layers": report.to_rows(),
+                                  "config": config.to_dict()}
+        if rank == 0:
+            result["exports"] = export_pruned(model, prepared.tokenizer, out, config.export.packed,
+                                              config.export.merged)
+            with open(os.path.join(out, "results.json"), "w") as f:
+                json.dump(result, f, indent=2, default=str)
+            print(summary(run_name(prepared.model_name, p.method, p.density, run.seed), ppl, seconds,
+                          config.data.seq_len))
+    finally:
+        finish_wandb(logger)
+    return result
