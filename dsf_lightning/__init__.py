@@ -9,7 +9,13 @@ callback names below are loaded on first use.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import Any
+
+try:  # the installed distribution's version (pyproject.toml), logged with every run
+    __version__ = importlib.metadata.version("dsf-lightning")
+except importlib.metadata.PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+    __version__ = "unknown"
 
 from dsf_lightning.calibration import GramAccumulator, InputGramRecorder, conv2d_patches
 from dsf_lightning.config import PruneConfig

@@ -10,9 +10,11 @@ weight projection, as in the paper's fine-tuning experiments, section 5.4), eval
 the BatchNorm statistics on 10 training batches and evaluates again (the paper does not;
 ``--bn-recalibration-batches 0`` skips it), fine-tunes 2 epochs (lr 0.1 decaying linearly to zero)
 and evaluates again. It prints the table of dense / pre-fine-tuning / BN-recalibrated /
-post-fine-tuning validation accuracy per method -- the shape of the paper's Table 3 -- and writes
-one offline W&B run per stage under ``./wandb`` (project ``dsf-lightning``, group
-``resnet20-32-digits``). Deterministic for a given ``--seed`` on CPU; nothing is downloaded.
+post-fine-tuning validation accuracy per method -- the shape of the paper's Table 3 --, writes
+``<output dir>/<run name>/results.json`` per method and one offline W&B run per stage under ``./wandb``
+(project ``dsf-digits``, group ``resnet20-32-digits``), and ends with the ``dsf-compare`` table of every
+run in the output folder and its plot (``<output dir>/resnet20-32-val_acc.png``). Deterministic for a
+given ``--seed`` on CPU; nothing is downloaded.
 
 Why the dense defaults differ from the paper's CIFAR-10 recipe (160 epochs, weight decay 1e-4 or
 5e-4, ~62k SGD steps): the demo has 15 minutes on 2 CPU cores, i.e. ~1,350 steps. After 10 epochs
@@ -38,7 +40,9 @@ from dataclasses import replace
 
 import lightning.pytorch as pl
 
+from dsf_lightning import __version__
 from dsf_lightning.allocation import ALLOCATIONS
+from dsf_lightning.compare import markdown_table, plot
 from dsf_lightning.config import PruneConfig
 from dsf_lightning.recipes import (
     RECIPE_METHODS,
@@ -50,10 +54,12 @@ from dsf_lightning.recipes import (
     ResNet20ModelConfig,
     RunConfig,
     build_prune_callback,
+    identity,
     load_weights_file,
     prune_and_finetune,
     train_dense,
 )
+from dsf_lightning.runs import find_runs, run_name
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, ResNet20Config]:
@@ -82,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, ResNe
     p.add_argument("--wandb", choices=("auto", "online", "offline", "off"), default="auto",
                    help="W&B logging (default: auto = offline without credentials)")
     p.add_argument("--output-dir", default=os.path.join("lightning_logs", "demo"),
-                   help="where the dense weights are saved (default: lightning_logs/demo)")
+                   help="where the dense weights, each run's results.json and the compare plot are saved; the "
+                        "closing table compares every run there (default: lightning_logs/demo)")
     p.add_argument("--dense-weights", default=None,
                    help="start from these dense weights (a state dict an earlier run saved under --output-dir) "
                         "instead of training them")
@@ -155,6 +162,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         metrics["seconds"] = time.perf_counter() - t
         metrics["prune_seconds"] = callback.report.seconds
         results[method] = metrics
+        who = identity(run_config, model)
+        run_dir = os.path.join(opts.output_dir, run_name(who))
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "results.json"), "w") as f:
+            json.dump({"identity": who, "version": __version__, "metrics": metrics,
+                       "prune": callback.report.totals(), "config": run_config.to_dict()}, f, indent=2)
         print(f"{method}: pre-fine-tune {100 * metrics['pre_finetune/val_acc']:.2f}%, post-fine-tune "
               f"{100 * metrics['post_finetune/val_acc']:.2f}% ({metrics['seconds']:.0f}s)", flush=True)
 
@@ -174,6 +187,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             cells.append(f"{100 * m['bn_recalibrated/val_acc']:.2f}")
         cells.append(f"{100 * m['post_finetune/val_acc']:.2f}")
         print("| " + " | ".join(cells) + " |")
+    # the same table and plot as `dsf-compare <output dir>`, over every run the demo has written there
+    records = find_runs([opts.output_dir])
+    print("\n`dsf-compare " + opts.output_dir + "`:\n" + markdown_table(records, "val_acc"))
+    print(f"plot: {plot(records, 'val_acc', os.path.join(opts.output_dir, f'{model}-val_acc.png'), model)}")
     print(f"\ntotal {time.perf_counter() - start:.0f}s")
     return results
 

@@ -4,7 +4,8 @@ Every source becomes a :class:`RunRecord`: who the run was (model, method, densi
 its metrics by stage (``dense``, ``pre_finetune``, ``bn_recalibrated``, ``post_finetune``), e.g.
 ``{"post_finetune": {"val_acc": 0.93}}``; language-model perplexities are ``{"ppl/<eval text>": ...}``.
 
-* ``results.json`` of the recipes: the ``identity`` header (written by every recipe) names the run;
+* ``results.json`` of the recipes: the ``identity`` header (:func:`run_identity`, written by every recipe)
+  names the run;
   vision recipes keep their metrics as ``{"metrics": {"<stage>/<name>": value}}``, the LLM recipe as
   ``{"perplexity": {"<stage>": {"<eval text>": value}}}``.
 * Lightning CSV logs (``metrics.csv`` beside ``hparams.yaml``) of any ``Trainer`` with
@@ -24,15 +25,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["STAGES", "RunRecord", "find_runs", "read_results_json", "read_wandb_file"]
+__all__ = ["STAGES", "RunRecord", "find_runs", "method_label", "read_results_json", "read_wandb_file", "run_identity",
+           "run_name"]
 
 #: The stages a pruned run is evaluated at, in order.
 STAGES = ("dense", "pre_finetune", "bn_recalibrated", "post_finetune")
 
 
+def run_identity(model: str, method: str, density: float, seed: int | None, allocation: str = "uniform",
+                 options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Who a run is: the ``identity`` header of ``results.json`` and of the W&B config. ``options`` are
+    the method options the user set (they make a different method variant, e.g. DSF without finalization)."""
+    return {"model": model, "method": method, "density": float(density), "seed": seed, "allocation": allocation,
+            "options": dict(options or {})}
+
+
+def method_label(method: str, options: dict[str, Any] | None = None) -> str:
+    """``method`` with the options that make it a variant, e.g. ``dsf+finalize=second`` or ``dsf+finalize=``
+    (no finalization): runs of different variants are never grouped together."""
+    def value(v: Any) -> str:
+        return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+    return method + "".join(f"+{k}={value(v)}" for k, v in sorted((options or {}).items()))
+
+
+def run_name(identity: dict[str, Any]) -> str:
+    """``<model>-<method>-d<density>-s<seed>``, e.g. ``resnet20-32-dsf-d0.1-s0``, with ``-<allocation>`` appended
+    for a non-uniform one. Method options are not in the name (it would grow with every option): variants
+    differ by ``identity["options"]``, their W&B tag and their output folder."""
+    name = f"{identity['model']}-{identity['method']}-d{identity['density']:g}-s{identity['seed']}"
+    return name if identity.get("allocation", "uniform") == "uniform" else f"{name}-{identity['allocation']}"
+
+
 @dataclass
 class RunRecord:
-    """One finished run: identity and ``{stage: {metric: value}}``."""
+    """One finished run: identity (``method`` is its :func:`method_label`) and ``{stage: {metric: value}}``."""
 
     model: str
     method: str
@@ -72,7 +99,8 @@ def read_results_json(path: Path) -> RunRecord:
 
 
 def _record(identity: dict[str, Any], metrics: dict[str, dict[str, float]], source: Path) -> RunRecord:
-    return RunRecord(model=str(identity["model"]), method=str(identity["method"]),
+    options = identity.get("options", identity.get("factorization_options"))
+    return RunRecord(model=str(identity["model"]), method=method_label(str(identity["method"]), options),
                      density=float(identity["density"]), seed=identity.get("seed"),
                      allocation=str(identity.get("allocation", "uniform")), metrics=metrics, source=str(source))
 
@@ -94,7 +122,8 @@ def _read_csv_log(path: Path) -> RunRecord | None:
 
 
 def read_wandb_file(path: Path) -> dict[str, Any]:
-    """``{"history": {key: last value}, "config": {...}, "run": {name, group, project, tags}, "exited"}``
+    """``{"history": {key: last value}, "summary": {...}, "config": {...}, "run": {name, group, project, tags},
+    "exited"}``
     of an offline ``.wandb`` file: its LevelDB-log framing (7-byte header, 32 KiB blocks, records
     ``crc32 u32, len u16, type u8``) of wandb's protobuf ``Record`` s."""
     from wandb.proto import wandb_internal_pb2 as pb
@@ -102,7 +131,7 @@ def read_wandb_file(path: Path) -> dict[str, Any]:
     data = Path(path).read_bytes()
     if data[:4] != b":W&B":
         raise ValueError(f"{path} is not a W&B run file")
-    out: dict[str, Any] = {"history": {}, "config": {}, "run": {}, "exited": False}
+    out: dict[str, Any] = {"history": {}, "summary": {}, "config": {}, "run": {}, "exited": False}
     pos, block, buf = 7, 32768, b""
     while pos + 7 <= len(data):
         left = block - pos % block
@@ -121,8 +150,8 @@ def read_wandb_file(path: Path) -> dict[str, Any]:
             rec.ParseFromString(buf)
             kind = rec.WhichOneof("record_type")
             items = (rec.history.item if kind == "history" else rec.config.update if kind == "config"
-                     else rec.run.config.update if kind == "run" else ())
-            target = out["history"] if kind == "history" else out["config"]
+                     else rec.run.config.update if kind == "run" else rec.summary.update if kind == "summary" else ())
+            target = out[kind] if kind in ("history", "summary") else out["config"]
             for it in items:
                 target[it.key or "/".join(it.nested_key)] = json.loads(it.value_json)
             if kind == "exit":
@@ -140,7 +169,7 @@ def _read_wandb_run(path: Path) -> RunRecord | None:
     identity = rec["config"].get("identity")
     if not isinstance(identity, dict):
         return None  # not a recipe's prune run (e.g. a dense training run)
-    return _record(identity, _stage_metrics(rec["history"]), path)
+    return _record(identity, _stage_metrics({**rec["history"], **rec["summary"]}), path)
 
 
 def find_runs(paths: list[str | Path]) -> list[RunRecord]:

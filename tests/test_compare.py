@@ -89,8 +89,39 @@ def test_callback_runs_in_csv_logs(tmp_path, capsys):
                        enable_progress_bar=False, enable_model_summary=False,
                        enable_checkpointing=False).fit(Net(), data, data)
     records = find_runs([tmp_path])
-    assert sorted((r.method, r.density) for r in records) == [("dsf", 0.3), ("dsf", 0.5), ("magnitude", 0.3),
-                                                              ("magnitude", 0.5)]
+    # the DSF runs carry their option: a variant, labelled as such
+    assert sorted((r.method, r.density) for r in records) == [("dsf+outer_iters=2", 0.3), ("dsf+outer_iters=2", 0.5),
+                                                              ("magnitude", 0.3), ("magnitude", 0.5)]
     assert all(r.model == "Net" and set(r.metrics) == {"dense", "pre_finetune", "post_finetune"} for r in records)
     assert main([str(tmp_path), "--plot-dir", str(tmp_path / "plots")]) == 0
     assert (tmp_path / "plots" / "Net-val_acc.png").exists()
+
+
+def test_run_identity_names_and_variants(tmp_path):
+    from dsf_lightning.runs import method_label, run_identity, run_name
+
+    who = run_identity("resnet20-32", "dsf", 0.1, 0)
+    assert run_name(who) == "resnet20-32-dsf-d0.1-s0"
+    assert run_name(run_identity("m", "wanda", 0.5, 1, "global")) == "m-wanda-d0.5-s1-global"
+    assert method_label("dsf", {"finalize": ["second"]}) == "dsf+finalize=second"
+    assert method_label("dsf", {"finalize": []}) == "dsf+finalize="
+    # variants of one method are separate groups, never averaged together
+    _results(tmp_path / "a", "m", "dsf", 0.5, 0, {"pre_finetune/val_acc": 0.5})
+    body = json.loads((tmp_path / "a" / "results.json").read_text())
+    body["identity"]["options"] = {"fixed_mask": True}
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.json").write_text(json.dumps(body))
+    assert sorted(r.method for r in find_runs([tmp_path])) == ["dsf", "dsf+fixed_mask=True"]
+
+
+def test_dashboard_report_is_built_from_the_logging_conventions():
+    pytest.importorskip("wandb_workspaces")  # a dev dependency; the check needs no network
+    from dsf_lightning.dashboard import STAGES_SHOWN, build_report
+
+    report = build_report("me", "dsf-llm", "ppl/wikipedia", group="smollm2-135m-wikipedia", log_y=True)
+    grid = next(b for b in report.blocks if hasattr(b, "panels"))
+    assert [p.y.name for p in grid.panels] == [f"{s}/ppl/wikipedia" for s in STAGES_SHOWN]
+    assert all(p.x.name == "identity.density" and p.log_y for p in grid.panels)
+    (runset,) = grid.runsets
+    assert runset.project == "dsf-llm" and "identity.method" in runset.groupby
+    assert "smollm2-135m-wikipedia" in runset.filters

@@ -282,8 +282,11 @@ def test_recipe_end_to_end_on_a_tiny_llama(tiny_dir, tmp_path, monkeypatch):
     # W&B: the conventions of the vision recipes
     rec = wandb_records(tmp_path)
     assert rec["run"]["name"] == f"{proto['model']['name']}-dsf-d0.5-s2"
-    assert rec["run"]["group"].endswith("-wikipedia") and rec["run"]["project"] == "dsf-lightning"
-    assert set(rec["run"]["tags"]) == {proto["model"]["name"], "dsf", "density=0.5"}
+    assert rec["run"]["group"].endswith("-wikipedia") and rec["run"]["project"] == "dsf-llm"
+    assert {proto["model"]["name"], "dsf", "density=0.5", "allocation=uniform"} <= set(rec["run"]["tags"])
+    assert rec["config"]["identity"] == result["identity"] and result["identity"]["seed"] == 2
+    assert rec["summary"]["post_finetune/ppl/wikipedia"] == pytest.approx(ppl["post_finetune"]["wikipedia"])
+    assert rec["summary"]["prune_seconds"] == pytest.approx(result["prune_seconds"])
     assert rec["config"]["prune"]["method"] == "dsf" and rec["config"]["protocol"]["seq_len"] == 64
     for stage in ("dense", "pre_finetune", "post_finetune"):
         assert rec["history"][f"{stage}/ppl/wikipedia"] == pytest.approx(ppl[stage]["wikipedia"])

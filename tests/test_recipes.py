@@ -158,8 +158,23 @@ def test_resnet20_real_tiny_run_wandb_offline(tmp_path):
     assert code == 0
     rec = wandb_records(tmp_path)
     assert rec["run"]["name"] == "resnet20-16-dsf-d0.2-s3"
-    assert rec["run"]["group"] == "resnet20-16-digits" and rec["run"]["project"] == "dsf-lightning"
-    assert set(rec["run"]["tags"]) == {"resnet20-16", "dsf", "density=0.2"}
+    assert rec["run"]["group"] == "resnet20-16-digits" and rec["run"]["project"] == "dsf-digits"
+    assert set(rec["run"]["tags"]) == {"resnet20-16", "dsf", "density=0.2", "allocation=uniform",
+                                       "dsf+outer_iters=2"}
+    written = json.load(open(out / "results.json"))
+    assert rec["config"]["identity"] == written["identity"] == {
+        "model": "resnet20-16", "method": "dsf", "density": 0.2, "seed": 3, "allocation": "uniform",
+        "options": json.loads(FAST)}
+    # the summary holds every stage's metrics, the prune time, nnz and the package version
+    summ = rec["summary"]
+    assert summ["pre_finetune/val_acc"] == pytest.approx(written["metrics"]["pre_finetune/val_acc"])
+    assert summ["post_finetune/val_acc"] == pytest.approx(written["metrics"]["post_finetune/val_acc"])
+    assert summ["prune_seconds"] > 0 and summ["nnz"] <= 0.2 * summ["dense_numel"] and summ["version"]
+    # dsf-compare reads the run back once (results.json and its W&B copy are the same run)
+    from dsf_lightning.runs import find_runs
+
+    (record,) = find_runs([tmp_path])
+    assert record.metrics["post_finetune"]["val_acc"] == pytest.approx(written["metrics"]["post_finetune/val_acc"])
     cfg = rec["config"]  # the nested run config and the module's hparams
     assert cfg["prune"]["method"] == "dsf" and cfg["prune"]["density"] == 0.2 and cfg["prune"]["seed"] == 3
     assert cfg["run"]["seed"] == 3 and cfg["finetune"]["max_epochs"] == 1 and cfg["dense"]["ckpt"] == str(ckpt)

