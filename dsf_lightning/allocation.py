@@ -41,9 +41,13 @@ _QUANTILES = 4096
 
 
 def layer_scores(weight: Tensor, gram: Tensor | None = None) -> Tensor:
-    """``(out, fan_in)`` scores ``|W_ij| * ||X_j||`` (``||X_j||^2`` is the Gram's diagonal), or ``|W_ij|``."""
+    """``(out, fan_in)`` scores ``|W_ij| * ||X_j||`` (``||X_j||^2`` is the Gram's diagonal; ``gram`` may be
+    that diagonal ``(fan_in,)`` alone), or ``|W_ij|``."""
     w = weight.detach().float().abs()
-    return w if gram is None else w * gram.diagonal().float().clamp_min(0).sqrt().to(w.device)[None, :]
+    if gram is None:
+        return w
+    diag = gram if gram.dim() == 1 else gram.diagonal()
+    return w * diag.float().clamp_min(0).sqrt().to(w.device)[None, :]
 
 
 def to_density(count: int, numel: int) -> float:

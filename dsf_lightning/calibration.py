@@ -83,12 +83,16 @@ class GramAccumulator:
 
     Distributed use: ``to_sum()`` gives ``(G * n in float64, n)``; all-reduce (sum) both
     parts across ranks and rebuild with ``GramAccumulator.from_sum(total, count)``.
+
+    ``diagonal=True`` keeps only ``diag(G)`` ``(fan_in,)`` (the inputs' squared norms per feature, what
+    the allocation's scores need): memory linear in ``fan_in`` for every layer of a model at once.
     """
 
-    def __init__(self, fan_in: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, fan_in: int, device: torch.device | str | None = None, *, diagonal: bool = False) -> None:
         if fan_in <= 0:
             raise ValueError(f"fan_in must be positive, got {fan_in}")
         self.fan_in = int(fan_in)
+        self.diagonal = bool(diagonal)
         self.device = torch.device(device) if device is not None else None
         self._gram: Tensor | None = None
         self.count = 0
@@ -112,9 +116,9 @@ class GramAccumulator:
             raise ValueError(
                 f"GramAccumulator.add: input of shape {tuple(rows.shape)} contains NaN or inf"
             )
-        xtx = x.T @ x
+        xtx = (x * x).sum(0) if self.diagonal else x.T @ x
         if self._gram is None:
-            self._gram = torch.zeros(self.fan_in, self.fan_in, dtype=torch.float32, device=x.device)
+            self._gram = torch.zeros(self._shape, dtype=torch.float32, device=x.device)
             if self.device is None:
                 self.device = x.device
         n = self.count
@@ -154,17 +158,22 @@ class GramAccumulator:
 
     # -- results / combination ------------------------------------------------------------
     @property
+    def _shape(self) -> tuple[int, ...]:
+        return (self.fan_in,) if self.diagonal else (self.fan_in, self.fan_in)
+
+    @property
     def gram(self) -> Tensor:
-        """``G = X^T X / N``, ``(fan_in, fan_in)`` float32 (zeros before any input)."""
+        """``G = X^T X / N``, ``(fan_in, fan_in)`` float32, or its diagonal ``(fan_in,)`` with ``diagonal``
+        (zeros before any input)."""
         if self._gram is None:
-            return torch.zeros(self.fan_in, self.fan_in, dtype=torch.float32, device=self.device)
+            return torch.zeros(self._shape, dtype=torch.float32, device=self.device)
         return self._gram
 
     @torch.no_grad()
     def merge_(self, other: GramAccumulator) -> GramAccumulator:
         """In place: become the accumulator over both data sets (count-weighted mean)."""
-        if other.fan_in != self.fan_in:
-            raise ValueError(f"merge_: fan_in {other.fan_in} != {self.fan_in}")
+        if other.fan_in != self.fan_in or other.diagonal != self.diagonal:
+            raise ValueError(f"merge_: fan_in {other.fan_in} != {self.fan_in} or only one keeps the diagonal only")
         if other.count == 0:
             return self
         if self.count == 0:
@@ -186,14 +195,15 @@ class GramAccumulator:
     def from_sum(cls, total: Tensor, count: int, device: torch.device | str | None = None) -> GramAccumulator:
         """Inverse of :meth:`to_sum` (after summing): ``G = total / count``."""
         count = int(count)
-        acc = cls(total.shape[-1], device=device if device is not None else total.device)
+        acc = cls(total.shape[-1], device=device if device is not None else total.device, diagonal=total.dim() == 1)
         if count > 0:
             acc._gram = (total.double() / count).float().to(acc.device)
             acc.count = count
         return acc
 
     def __repr__(self) -> str:
-        return f"GramAccumulator(fan_in={self.fan_in}, count={self.count}, device={self.device})"
+        return (f"GramAccumulator(fan_in={self.fan_in}, count={self.count}, device={self.device}"
+                f"{', diagonal=True' if self.diagonal else ''})")
 
 
 def _layer_fan_in(name: str, module: nn.Module) -> int:
@@ -218,6 +228,8 @@ class InputGramRecorder:
         model: nn.Module,
         modules: Mapping[str, nn.Module],
         device: torch.device | str | None = None,
+        *,
+        diagonal: bool = False,
     ) -> None:
         owned = {id(m) for m in model.modules()}
         self.model = model
@@ -226,7 +238,7 @@ class InputGramRecorder:
         for name, module in self.modules.items():
             if id(module) not in owned:
                 raise ValueError(f"module {name!r} is not a submodule of the given model")
-            self.accumulators[name] = GramAccumulator(_layer_fan_in(name, module), device=device)
+            self.accumulators[name] = GramAccumulator(_layer_fan_in(name, module), device=device, diagonal=diagonal)
         self._handles: list[Any] = []
 
     def _hook(self, name: str):
@@ -260,7 +272,7 @@ class InputGramRecorder:
 
     @property
     def grams(self) -> dict[str, Tensor]:
-        """``name -> G (fan_in, fan_in)`` float32."""
+        """``name -> G (fan_in, fan_in)`` float32 (``(fan_in,)``, its diagonal, with ``diagonal=True``)."""
         return {name: acc.gram for name, acc in self.accumulators.items()}
 
     @property

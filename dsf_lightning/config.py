@@ -95,9 +95,6 @@ class PruneConfig:
                              f"(or None to use every batch given)")
         if self.sequential and not self.calibrated:
             raise ValueError("sequential=True prunes layer-wise block by block: set calibration_batches > 0 (or None)")
-        if self.sequential and self.allocation != "uniform":
-            raise ValueError(f"allocation {self.allocation!r} needs every layer's input norms before the first "
-                             f"block is pruned; with sequential=True only 'uniform' is supported")
         if self.forward_mode not in FORWARD_MODES:
             raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {self.forward_mode!r}")
         if not isinstance(self.balance_norms, bool):

@@ -208,16 +208,17 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
 
 def record_grams(model: nn.Module, targets: Mapping[str, nn.Module], batches: Iterable,
                  forward: Callable[[nn.Module, Any], Any] | None = None, *,
-                 limit: int | None = None) -> InputGramRecorder:
+                 limit: int | None = None, diagonal: bool = False) -> InputGramRecorder:
     """Input Grams of every target over ``batches`` (at most ``limit``), in eval mode without grad; every
     module's training flag is restored afterwards. Returns the recorder (``grams``, ``counts``,
-    ``accumulators``); a target that saw no input is a ``ValueError``."""
+    ``accumulators``); a target that saw no input is a ``ValueError``. ``diagonal``: only the Grams'
+    diagonals (the allocation's input norms)."""
     forward = forward or default_forward
     modes = {m: m.training for m in model.modules()}
     model.eval()
     seen = 0
     try:
-        with torch.no_grad(), InputGramRecorder(model, targets) as rec:
+        with torch.no_grad(), InputGramRecorder(model, targets, diagonal=diagonal) as rec:
             for batch in islice(batches, limit):
                 forward(model, batch)
                 seen += 1

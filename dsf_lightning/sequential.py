@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 from dsf_lightning.calibration import InputGramRecorder
 from dsf_lightning.distributed import all_reduce_grams, world
 from dsf_lightning.jobs import Executor, solve_serially
-from dsf_lightning.pruning import PrunePlan, default_forward, install, layer_jobs
+from dsf_lightning.pruning import PrunePlan, allocate_densities, default_forward, install, layer_jobs, record_grams
 from dsf_lightning.report import LayerRecord
 from dsf_lightning.targets import block_stacks
 
-__all__ = ["BlockRun", "decoder_blocks", "prune_blocks"]
+__all__ = ["BlockRun", "allocate_before_blocks", "decoder_blocks", "prune_blocks"]
 
 Batch = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -144,6 +144,18 @@ def _shared_inputs(block: nn.Module, run: BlockRun, targets: Mapping[str, nn.Mod
     return {n: rep.setdefault(id(seen[n]), n) for n in targets}
 
 
+def allocate_before_blocks(model: nn.Module, plan: PrunePlan, batches: list,
+                           forward: Callable[[nn.Module, Any], Any]) -> PrunePlan:
+    """``plan`` with its densities spread by ``config.allocation`` before block 0 is touched: the scores take the
+    dense model's input norms (one forward over ``batches`` recording only the Grams' diagonals, summed over
+    ranks under ``torch.distributed``), as OWL computes its outlier ratios on the dense model."""
+    rec = record_grams(model, plan.targets, batches, forward, diagonal=True)
+    accs = rec.accumulators
+    if world()[1] > 1:
+        accs = all_reduce_grams(accs, next(model.parameters()).device)
+    return allocate_densities(plan, {n: a.gram for n, a in accs.items()})
+
+
 def prune_blocks(model: nn.Module, plan: PrunePlan, batches: Iterable, *,
                  forward: Callable[[nn.Module, Any], Any] | None = None, executor: Executor | None = None,
                  store: torch.device | str | None = "cpu", device: torch.device | str | None = None,
@@ -161,8 +173,12 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, batches: Iterable, *,
     if outside:
         raise ValueError(f"sequential pruning prunes decoder blocks only; target(s) {outside[:5]} are outside "
                          f"the blocks {blocks[0][0]!r}..{blocks[-1][0]!r}: exclude them")
+    forward = forward or default_forward
+    if plan.config.allocation != "uniform":
+        batches = list(batches)
+        plan = allocate_before_blocks(model, plan, batches, forward)
     run = BlockRun(store, device)
-    run.capture(model, blocks[0][1], batches, forward or default_forward)
+    run.capture(model, blocks[0][1], batches, forward)
     records: list[LayerRecord] = []
     counts: dict[str, int] = {}
     last = max(i for i, (b, _) in enumerate(blocks) if owned[b])

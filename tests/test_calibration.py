@@ -210,3 +210,19 @@ def test_errors():
     norm = nn.LayerNorm(4)
     with pytest.raises(ValueError, match="'n'.*LayerNorm"):
         InputGramRecorder(nn.Sequential(norm), {"n": norm})
+
+
+def test_diagonal_accumulator_is_the_grams_diagonal_and_sums_across_ranks():
+    g = torch.Generator().manual_seed(0)
+    full, diag = GramAccumulator(12), GramAccumulator(12, diagonal=True)
+    for b in (5, 9):
+        x = torch.randn(b, 12, generator=g)
+        full.add(x)
+        diag.add(x)
+    assert diag.gram.shape == (12,)
+    torch.testing.assert_close(diag.gram, full.gram.diagonal())
+    total, count = diag.to_sum()
+    rebuilt = GramAccumulator.from_sum(total, count)
+    assert rebuilt.diagonal and torch.allclose(rebuilt.gram, diag.gram)
+    with pytest.raises(ValueError, match="diagonal"):
+        full.merge_(diag)

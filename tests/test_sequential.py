@@ -98,11 +98,32 @@ def test_decoder_blocks_without_no_split_modules():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(sequential=True), "set calibration_batches > 0"),
-    (dict(sequential=True, calibration_batches=2, allocation="global"), "only 'uniform'"),
 ])
 def test_bad_sequential_configs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PruneConfig(density=0.5, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["wanda", "dsf"])
+def test_sequential_global_allocation_spends_the_model_budget_from_dense_input_norms(method):
+    """The densities are allocated before block 0 from the dense model's input norms (only the Grams'
+    diagonals are recorded): the same densities as allocating from the dense model's full Grams, the
+    layers differ, and the nonzeros sum exactly to the model-wide budget."""
+    from dsf_lightning.pruning import allocate_densities, record_grams
+
+    model, data = llama(), batches()
+    cfg = PruneConfig(density=0.4, method=method, sequential=True, calibration_batches=None, allocation="global",
+                      factorization_options=FAST if method == "dsf" else {})
+    plan = plan_prune(model, cfg)
+    full = record_grams(model, plan.targets, data, no_cache).grams
+    expected = allocate_densities(plan, full).densities
+    report = prune(model, cfg, calibration=data, forward=no_cache, progress=False)
+    got = {r.name: r.density for r in report.layers}
+    assert got == pytest.approx({n: expected[n] for n in got}, abs=1e-12)
+    assert len({round(d, 4) for d in got.values()}) > 1  # not uniform
+    numel = sum(r.shape[0] * r.shape[1] for r in report.layers)
+    assert sum(r.nnz for r in report.layers) <= int(0.4 * numel)
+    assert sum(r.budget for r in report.layers) == int(0.4 * numel)
 
 
 def test_targets_outside_the_blocks_are_refused_before_work():

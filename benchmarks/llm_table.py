@@ -1,0 +1,94 @@
+"""The paper's Table 1 layout on SmolLM2-135M: perplexity per method and density, the whole model pruned sequentially.
+
+Each cell is one run of the LLM recipe (``recipes/llama.py``) on the offline default: calibration 32 x 512
+tokens of the embedded Wikipedia articles, perplexity on the held-out articles, no fine-tuning. Runs whose
+``results.json`` already exists under ``--output-dir`` are read, not rerun, so the table can be filled by
+several processes (``--only`` splits the work) and printed at the end:
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_table.py --output-dir runs/table1 --only magnitude wanda
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_table.py --output-dir runs/table1 --print
+
+Rows: ``dense``, the baselines, DSF with its defaults, DSF without finalization (``finalize: []``) and
+DSF with the paper's fixed mask (``fixed_mask: true``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+#: ``row name -> (method, factorization options)``
+ROWS: dict[str, tuple[str, dict]] = {
+    "magnitude": ("magnitude", {}),
+    "wanda": ("wanda", {}),
+    "sparsegpt": ("sparsegpt", {}),
+    "admm": ("admm", {}),
+    "dsf": ("dsf", {}),
+    "dsf-no-finalization": ("dsf", {"finalize": []}),
+    "dsf-fixed-mask": ("dsf", {"fixed_mask": True}),
+}
+
+
+def run_dir(out: Path, row: str, density: float) -> Path:
+    return out / f"{row}-d{density:g}"
+
+
+def run(out: Path, row: str, density: float, extra: list[str]) -> None:
+    method, options = ROWS[row]
+    target = run_dir(out, row, density)
+    if (target / "results.json").exists():
+        return
+    cmd = [sys.executable, "recipes/llama.py", "--method", method, "--density", str(density), "--seq-len", "512",
+           "--calibration-samples", "32", "--finetune-steps", "0", "--no-save-merged", "--no-save-packed",
+           "--no-progress-bar", "--wandb", "off", "--output-dir", str(target), *extra]
+    if options:
+        cmd += ["--factorization-options", json.dumps(options)]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def table(out: Path, densities: list[float]) -> str:
+    results = {(row, d): json.loads((run_dir(out, row, d) / "results.json").read_text())
+               for row in ROWS for d in densities if (run_dir(out, row, d) / "results.json").exists()}
+    if not results:
+        return "no runs yet"
+    any_result = next(iter(results.values()))
+    text = next(iter(any_result["perplexity"]["dense"]))
+    dense = any_result["perplexity"]["dense"][text]
+    proto = any_result["protocol"]
+    head = "| method | " + " | ".join(f"{d:g}" for d in densities) + " |"
+    lines = [f"perplexity on `{text}` ({proto['eval'][text]['scored_tokens']} scored tokens), calibration "
+             f"{proto['calibration']['tokens']} tokens, seq_len {proto['seq_len']}; cells: perplexity (prune "
+             f"seconds)", "", head, "|---|" + "---:|" * len(densities), f"| dense | {dense:.2f} |" +
+             " |" * (len(densities) - 1)]
+    for row in ROWS:
+        cells = []
+        for d in densities:
+            r = results.get((row, d))
+            cells.append("-" if r is None else
+                         f"{r['perplexity']['pre_finetune'][text]:.2f} ({r['prune_seconds']:.0f})")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", default="runs/table1")
+    p.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.4, 0.3])
+    p.add_argument("--only", nargs="+", choices=list(ROWS), default=list(ROWS), help="rows to run")
+    p.add_argument("--print", action="store_true", help="only print the table of the runs done so far")
+    args, extra = p.parse_known_args()
+    out = Path(args.output_dir)
+    if not args.print:
+        for row in args.only:
+            for d in args.densities:
+                run(out, row, d, extra)
+    print(table(out, args.densities))
+
+
+if __name__ == "__main__":
+    main()
