@@ -105,12 +105,23 @@ def _record(identity: dict[str, Any], metrics: dict[str, dict[str, float]], sour
                      allocation=str(identity.get("allocation", "uniform")), metrics=metrics, source=str(source))
 
 
+def _hparams_loader() -> type:
+    """A safe YAML loader that also reads the ``!!python/tuple`` Lightning writes for tuple hyperparameters."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("tag:yaml.org,2002:python/tuple", lambda loader, node: loader.construct_sequence(node))
+    return Loader
+
+
 def _read_csv_log(path: Path) -> RunRecord | None:
     """A Lightning ``metrics.csv`` whose ``hparams.yaml`` holds the callback's ``dsf`` config, else ``None``."""
     import yaml
 
     hparams_file = path.parent / "hparams.yaml"
-    hparams = yaml.safe_load(hparams_file.read_text()) if hparams_file.exists() else None
+    hparams = yaml.load(hparams_file.read_text(), Loader=_hparams_loader()) if hparams_file.exists() else None
     dsf = (hparams or {}).get("dsf")
     if not isinstance(dsf, dict):
         return None
@@ -167,7 +178,7 @@ def read_wandb_file(path: Path) -> dict[str, Any]:
 def _read_wandb_run(path: Path) -> RunRecord | None:
     rec = read_wandb_file(path)
     identity = rec["config"].get("identity")
-    if not isinstance(identity, dict):
+    if not isinstance(identity, dict) or "model" not in identity:
         return None  # not a recipe's prune run (e.g. a dense training run)
     return _record(identity, _stage_metrics({**rec["history"], **rec["summary"]}), path)
 

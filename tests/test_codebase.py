@@ -54,7 +54,7 @@ def _violations(path: Path) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in (
                 "dsf_lightning", "lightning", "pytorch_lightning"):
-            private = [a.name for a in node.names if a.name.startswith("_")]
+            private = [a.name for a in node.names if a.name.startswith("_") and not a.name.endswith("__")]
             if private or any(part.startswith("_") for part in node.module.split(".")):
                 found.append(f"line {node.lineno}: private import from {node.module}: {private}")
         elif isinstance(node, ast.Attribute):

@@ -125,3 +125,22 @@ def test_dashboard_report_is_built_from_the_logging_conventions():
     (runset,) = grid.runsets
     assert runset.project == "dsf-llm" and "identity.method" in runset.groupby
     assert "smollm2-135m-wikipedia" in runset.filters
+
+
+def test_dense_wandb_runs_and_tuple_hparams_are_read_without_error(tmp_path):
+    """A dense-training W&B run (no run identity) is not a pruned run: skipped; a Lightning hparams.yaml with
+    a tuple (``!!python/tuple``, as ImageClassifier's milestones) is read."""
+    import wandb
+
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="dsf-test", config={"lr": 0.1})
+    run.log({"val_acc": 0.5})
+    run.finish()
+    _results(tmp_path / "pruned", "r20", "dsf", 0.1, 0, {"pre_finetune/val_acc": 0.9})
+    log = tmp_path / "csv" / "version_0"
+    log.mkdir(parents=True)
+    (log / "hparams.yaml").write_text("milestones: !!python/tuple\n- 15\n- 22\ndsf:\n  model: Net\n  method: magnitude\n"
+                                      "  density: 0.2\n  seed: 0\n")
+    (log / "metrics.csv").write_text("pre_finetune/val_acc,step\n0.7,0\n")
+    records = sorted(find_runs([tmp_path]), key=lambda r: r.model)
+    assert [(r.model, r.method) for r in records] == [("Net", "magnitude"), ("r20", "dsf")]
+    assert records[0].metrics["pre_finetune"]["val_acc"] == pytest.approx(0.7)

@@ -98,7 +98,8 @@ def make_wandb_logger(config: RecipeConfig, *, task: str, group: str, job_type: 
     logger = WandbLogger(project=log.wandb_project or f"dsf-{task}", group=log.wandb_group or group,
                          name=name or run_name(dict(run or {})), tags=tags, job_type=job_type, offline=offline,
                          save_dir=log.wandb_dir, log_model=False)
-    logger.log_hyperparams({**config.to_dict(), "identity": dict(run or {}), "version": __version__})
+    logger.log_hyperparams({**config.to_dict(), **({"identity": dict(run)} if run is not None else {}),
+                            "version": __version__})
     return logger
 
 
