@@ -138,8 +138,8 @@ def test_dense_wandb_runs_and_tuple_hparams_are_read_without_error(tmp_path):
     _results(tmp_path / "pruned", "r20", "dsf", 0.1, 0, {"pre_finetune/val_acc": 0.9})
     log = tmp_path / "csv" / "version_0"
     log.mkdir(parents=True)
-    (log / "hparams.yaml").write_text("milestones: !!python/tuple\n- 15\n- 22\ndsf:\n  model: Net\n  method: magnitude\n"
-                                      "  density: 0.2\n  seed: 0\n")
+    (log / "hparams.yaml").write_text("milestones: !!python/tuple\n- 15\n- 22\n"
+                                      "dsf:\n  model: Net\n  method: magnitude\n  density: 0.2\n  seed: 0\n")
     (log / "metrics.csv").write_text("pre_finetune/val_acc,step\n0.7,0\n")
     records = sorted(find_runs([tmp_path]), key=lambda r: r.model)
     assert [(r.model, r.method) for r in records] == [("Net", "magnitude"), ("r20", "dsf")]
