@@ -8,8 +8,9 @@ several processes (``--only`` splits the work) and printed at the end:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_table.py --output-dir runs/table1 --only magnitude wanda
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_table.py --output-dir runs/table1 --print
 
-Rows: ``dense``, the baselines, DSF with its defaults, DSF without finalization (``finalize: []``) and
-DSF with the paper's fixed mask (``fixed_mask: true``).
+Rows: ``dense``, the baselines, DSF with its defaults, DSF without finalization (``finalize: []``),
+DSF with the paper's fixed mask (``fixed_mask: true``), DSF refitting only the output-side factor (the
+paper's LLM finalization), and Wanda / DSF under the global allocation of the model-wide budget.
 """
 
 from __future__ import annotations
@@ -21,15 +22,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-#: ``row name -> (method, factorization options)``
-ROWS: dict[str, tuple[str, dict]] = {
-    "magnitude": ("magnitude", {}),
-    "wanda": ("wanda", {}),
-    "sparsegpt": ("sparsegpt", {}),
-    "admm": ("admm", {}),
-    "dsf": ("dsf", {}),
-    "dsf-no-finalization": ("dsf", {"finalize": []}),
-    "dsf-fixed-mask": ("dsf", {"fixed_mask": True}),
+#: ``row name -> (method, factorization options, allocation)``
+ROWS: dict[str, tuple[str, dict, str]] = {
+    "magnitude": ("magnitude", {}, "uniform"),
+    "wanda": ("wanda", {}, "uniform"),
+    "sparsegpt": ("sparsegpt", {}, "uniform"),
+    "admm": ("admm", {}, "uniform"),
+    "dsf": ("dsf", {}, "uniform"),
+    "dsf-no-finalization": ("dsf", {"finalize": []}, "uniform"),
+    "dsf-fixed-mask": ("dsf", {"fixed_mask": True}, "uniform"),
+    "dsf-finalize-second": ("dsf", {"finalize": ["second"]}, "uniform"),
+    # the model-wide budget spread by the global rule (the allocation benchmark of the budget issue)
+    "wanda-global": ("wanda", {}, "global"),
+    "dsf-global": ("dsf", {}, "global"),
 }
 
 
@@ -38,13 +43,13 @@ def run_dir(out: Path, row: str, density: float) -> Path:
 
 
 def run(out: Path, row: str, density: float, extra: list[str]) -> None:
-    method, options = ROWS[row]
+    method, options, allocation = ROWS[row]
     target = run_dir(out, row, density)
     if (target / "results.json").exists():
         return
     cmd = [sys.executable, "recipes/llama.py", "--method", method, "--density", str(density), "--seq-len", "512",
            "--calibration-samples", "32", "--finetune-steps", "0", "--no-save-merged", "--no-save-packed",
-           "--no-progress-bar", "--wandb", "off", "--output-dir", str(target), *extra]
+           "--no-progress-bar", "--wandb", "off", "--allocation", allocation, "--output-dir", str(target), *extra]
     if options:
         cmd += ["--factorization-options", json.dumps(options)]
     print("+", " ".join(cmd), flush=True)
