@@ -273,6 +273,8 @@ def test_recipe_end_to_end_on_a_tiny_llama(tiny_dir, tmp_path, monkeypatch):
     assert set(ppl) == {"dense", "pre_finetune", "post_finetune"} and set(ppl["dense"]) == {"wikipedia"}
     assert ppl["post_finetune"]["wikipedia"] < ppl["pre_finetune"]["wikipedia"]  # a random model learns the text
     assert result["prune_seconds"] > 0 and result["finetune_steps"] == 8 and result["world_size"] == 1
+    assert result["prune_peak_memory"]["rss_bytes"] > 100 * 2**20  # at least the interpreter and torch
+    assert 0 < result["prune"]["working_set_bytes"] < result["prune_peak_memory"]["rss_bytes"]
     proto = result["protocol"]
     assert proto["model"]["context"] == 256 and proto["seq_len"] == 64 and proto["model"]["decoder_blocks"] == 2
     assert proto["calibration"]["tokens"] == 8 * 64 and proto["calibration"]["text"] == "wikipedia"

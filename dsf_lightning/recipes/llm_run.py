@@ -25,6 +25,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -109,6 +110,15 @@ def protocol_record(config: Any, *, name: str, model: nn.Module, source: str, co
                   "targets": "every Linear of the decoder blocks" if p.include is None else list(p.include)},
         "versions": versions(),
     }
+
+
+def peak_memory(device: torch.device) -> dict[str, int]:
+    """This process's peak memory so far: resident set (``ru_maxrss``; includes loading and the dense
+    evaluation) and, on CUDA, the peak allocated since the last reset (the prune alone)."""
+    out = {"rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux reports KiB
+    if device.type == "cuda":
+        out["cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out
 
 
 def _strategy(run: Any) -> str:
@@ -250,8 +260,11 @@ def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
         ppl["dense"] = _evaluate(prepared, model, device, progress)
         _log(logger, {f"dense/ppl/{n}": v for n, v in ppl["dense"].items()}, 0)
         start = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         report = _prune(prepared, model, device, progress)
         seconds = {"prune_seconds": time.perf_counter() - start}
+        memory = peak_memory(device)
         _log_report(logger, report)
         ppl["pre_finetune"] = _evaluate(prepared, model, device, progress)
         _log(logger, {f"pre_finetune/ppl/{n}": v for n, v in ppl["pre_finetune"].items()}, 0)
@@ -267,7 +280,7 @@ def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
         wandb_summary(logger, {**{f"{stage}/ppl/{n}": v for stage, vals in ppl.items() for n, v in vals.items()},
                                **seconds, "nnz": report.nnz, "dense_numel": report.dense_numel})
         result: dict[str, Any] = {"identity": who, "version": __version__, "perplexity": ppl, **seconds,
-                                  "finetune_steps": steps, "world_size": size,
+                                  "prune_peak_memory": memory, "finetune_steps": steps, "world_size": size,
                                   "protocol": prepared.protocol, "prune": report.totals(), "layers": report.to_rows(),
                                   "config": config.to_dict()}
         if rank == 0:
