@@ -322,6 +322,13 @@ def test_merged_export_has_exact_zeros_and_no_finetuning_means_post_equals_pre(t
     tok = load_causal_lm(tiny_dir)[1]
     got = text_perplexity(merged, tok, open(texts["other"]).read(), 64, max_windows=4).perplexity
     assert got == pytest.approx(result["perplexity"]["pre_finetune"]["other"], rel=1e-5)
+    # a sweep's later runs skip the dense pass: same pruned result, no dense entry
+    again = tmp_path / "again"
+    assert llama_main(_args(tiny_dir, again, "--method", "magnitude", "--density", "0.3", "--calibration-text",
+                            texts["calib"], "--eval-text", texts["other"], "--wandb", "off", "--no-save-packed",
+                            "--no-save-merged", "--no-eval-dense")) == 0
+    skipped = json.load(open(again / "results.json"))["perplexity"]
+    assert "dense" not in skipped and skipped["pre_finetune"]["other"] == result["perplexity"]["pre_finetune"]["other"]
 
 
 def test_recipe_ddp_two_processes(tiny_dir, texts, tmp_path):

@@ -70,6 +70,8 @@ class TextDataConfig:
         calibration_samples: calibration windows (the paper: 128).
         seq_len: tokens per window; ``None``: the paper's 2048 capped by the model's context.
         eval_samples: at most this many windows per evaluation text (``None``: all; quick runs).
+        eval_dense: evaluate the dense model too; off in sweeps whose dense number another run holds
+            (the same model and windows give the same number), as that pass is as long as the others.
         batch_size: windows per forward pass while calibrating and evaluating.
     """
 
@@ -80,6 +82,7 @@ class TextDataConfig:
     calibration_samples: int = 128
     seq_len: int | None = None
     eval_samples: int | None = None
+    eval_dense: bool = True
     batch_size: int = 4
 
     def __post_init__(self) -> None:
@@ -234,6 +237,9 @@ def llama_parser() -> ConfigParser[LlamaRecipeConfig]:
             flag("--seq-len", to="data.seq_len", type=int,
                  help=f"tokens per window; default {PAPER_SEQ_LEN} capped by the model's context (config position "
                       f"limit, tokenizer model_max_length when set); beyond the context is an error"),
+            flag("--eval-dense", to="data.eval_dense", action=argparse.BooleanOptionalAction,
+                 help="evaluate the dense model first (--no-eval-dense: skip it in a sweep; results.json then has "
+                      "no dense perplexity)"),
             flag("--eval-samples", to="data.eval_samples", type=int,
                  help="at most N windows per evaluation text (quick runs; default: all)"),
             flag("--eval-batch-size", to="data.batch_size", type=int,

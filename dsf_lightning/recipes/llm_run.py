@@ -232,8 +232,8 @@ def summary(name: str, ppl: dict[str, dict[str, float]], seconds: dict[str, floa
     """The perplexity table printed at the end of a run."""
     lines = [f"{name}: perplexity (windows of {seq_len} tokens)",
              f"  {'eval text':<20}{'dense':>12}{'pruned':>12}{'fine-tuned':>12}"]
-    for n in ppl["dense"]:
-        lines.append(f"  {n:<20}" + "".join(f"{ppl[s][n]:>12.6g}" for s in STAGES))
+    for n in ppl["pre_finetune"]:
+        lines.append(f"  {n:<20}" + "".join(f"{ppl[s][n]:>12.6g}" if s in ppl else f"{'-':>12}" for s in STAGES))
     lines.append("  " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return "\n".join(lines)
 
@@ -257,8 +257,9 @@ def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
     model = prepared.model.to(device)
     ppl: dict[str, dict[str, float]] = {}
     try:
-        ppl["dense"] = _evaluate(prepared, model, device, progress)
-        _log(logger, {f"dense/ppl/{n}": v for n, v in ppl["dense"].items()}, 0)
+        if config.data.eval_dense:
+            ppl["dense"] = _evaluate(prepared, model, device, progress)
+            _log(logger, {f"dense/ppl/{n}": v for n, v in ppl["dense"].items()}, 0)
         start = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
