@@ -22,18 +22,10 @@ from dsf_lightning.models.causal_lm import DTYPES, SCHEDULES
 from dsf_lightning.recipes.cli import Config, ConfigParser, flag, group
 from dsf_lightning.recipes.common import recipe_main, with_output_dir
 from dsf_lightning.recipes.llm_run import STRATEGIES, LlamaPrepared, execute_llama, protocol_record
-from dsf_lightning.recipes.sections import LoggingConfig, RunConfig, shared_flags
+from dsf_lightning.recipes.sections import LoggingConfig, RunConfig, at_least, shared_flags
 
 __all__ = ["ExportConfig", "LLMFinetuneConfig", "LLMModelConfig", "LlamaRecipeConfig", "TextDataConfig",
            "llama_main", "llama_parser", "prepare_llama", "run_llama"]
-
-
-def _at_least(obj: Any, name: str, minimum: int, *, allow_none: bool = False) -> None:
-    value = getattr(obj, name)
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}{' or None' if allow_none else ''}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -97,10 +89,10 @@ class TextDataConfig:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.eval is not None:
             object.__setattr__(self, "eval", tuple(self.eval))
-        _at_least(self, "calibration_samples", 1)
-        _at_least(self, "seq_len", 2, allow_none=True)
-        _at_least(self, "eval_samples", 1, allow_none=True)
-        _at_least(self, "batch_size", 1)
+        at_least(self, "calibration_samples", 1)
+        at_least(self, "seq_len", 2, allow_none=True)
+        at_least(self, "eval_samples", 1, allow_none=True)
+        at_least(self, "batch_size", 1)
 
 
 @dataclass(frozen=True)
@@ -133,11 +125,11 @@ class LLMFinetuneConfig:
     val_every: int | None = None
 
     def __post_init__(self) -> None:
-        _at_least(self, "steps", 0)
-        _at_least(self, "batch_size", 1)
-        _at_least(self, "accumulate_grad_batches", 1)
-        _at_least(self, "warmup_steps", 0, allow_none=True)
-        _at_least(self, "val_every", 1, allow_none=True)
+        at_least(self, "steps", 0)
+        at_least(self, "batch_size", 1)
+        at_least(self, "accumulate_grad_batches", 1)
+        at_least(self, "warmup_steps", 0, allow_none=True)
+        at_least(self, "val_every", 1, allow_none=True)
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
         if not self.lr > 0:

@@ -19,6 +19,7 @@ __all__ = [
     "LoggingConfig",
     "RecipeConfig",
     "RunConfig",
+    "at_least",
     "shared_flags",
 ]
 
@@ -28,7 +29,8 @@ WandbMode = Literal["auto", "online", "offline", "off"]
 WANDB_MODES: tuple[WandbMode, ...] = ("auto", "online", "offline", "off")
 
 
-def _at_least(obj: Any, name: str, minimum: int, *, allow_none: bool = False) -> None:
+def at_least(obj: Any, name: str, minimum: int, *, allow_none: bool = False) -> None:
+    """A config field check: ``obj.name`` is an int >= ``minimum`` (or ``None`` if allowed), else ``ValueError``."""
     value = getattr(obj, name)
     if value is None and allow_none:
         return
@@ -62,9 +64,9 @@ class FinetuneConfig:
     bn_recalibration_batches: int = 0
 
     def __post_init__(self) -> None:
-        _at_least(self, "max_epochs", 1)
-        _at_least(self, "batch_size", 1)
-        _at_least(self, "bn_recalibration_batches", 0)
+        at_least(self, "max_epochs", 1)
+        at_least(self, "batch_size", 1)
+        at_least(self, "bn_recalibration_batches", 0)
 
 
 @dataclass(frozen=True)
@@ -96,12 +98,12 @@ class RunConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        _at_least(self, "num_workers", 0)
+        at_least(self, "num_workers", 0)
         if self.devices != "auto":
-            _at_least(self, "devices", 1)
-        _at_least(self, "num_nodes", 1)
-        _at_least(self, "seed", 0)
-        _at_least(self, "limit_batches", 1, allow_none=True)
+            at_least(self, "devices", 1)
+        at_least(self, "num_nodes", 1)
+        at_least(self, "seed", 0)
+        at_least(self, "limit_batches", 1, allow_none=True)
 
 
 @dataclass(frozen=True)
