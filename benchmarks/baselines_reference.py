@@ -9,7 +9,12 @@ of what the reference repositories run, with their defaults:
   ``iterative_prune=15``, ``iters=20``, ``per_out=False``);
 * Wanda: the same repository (a copy of ``locuslab/wanda``), ``lib/layerwrapper.py`` (``WrappedGPT``) and
   ``lib/prune.py::prune_wanda`` (unstructured);
-* the sequential pipeline of all three: ``lib/prune.py`` (``prune_sparsegpt`` / ``prune_admm`` / ``prune_wanda``):
+* DSF: ``usamec/double_sparse`` (the paper's code), ``doublesparse.py`` (``DoubleSparse``: ``add_batch`` as
+  SparseGPT's, ``factorize`` with the LLM script's square shares 0.16 / 0.25 and ``finalize``), its Algorithm 1
+  loop run as ``topk_dsf.py`` (``topk`` for the full sort, the one speed fix a competent user makes: the same
+  factors): the "direct implementation of the paper" that DSF's speed and quality are held to;
+* the sequential pipeline of all four: ``lib/prune.py`` (``prune_sparsegpt`` / ``prune_admm`` / ``prune_wanda``;
+  the paper's ``llama.py`` runs the same loop):
   the first block's inputs are captured per sample; per block, every ``nn.Linear`` accumulates its statistics
   in one pass of the unpruned block, all of them are pruned, and the pruned block's outputs feed the next block.
 
@@ -19,8 +24,8 @@ the first half of the articles, held-out windows from the second half):
 
 1. Layer-wise: the listed projections of the listed blocks, inputs recorded on the dense model. Each method
    runs (a) ours on our Gram, (b) the reference on its own statistics accumulated from the same activations,
-   (c) the reference on exactly our Gram (``H = 2 G``, ``X^T X = G``, ``scaler_row = diag G``: the scale cancels
-   in every method), which isolates the algorithm from the float32 rounding of the accumulation. For SparseGPT
+   (c) the reference on exactly our Gram (``H = 2 G``, ``X^T X = G``, ``scaler_row = diag G``, DSF ``H = G``: the
+   scale cancels in every method), which isolates the algorithm from the float32 rounding of the accumulation. For SparseGPT
    (c) is called with ``sparsity - 0.5 / (out * blocksize)``, which makes the reference prune exactly our count
    in every block (its ``tmp <= thresh`` prunes one weight more per block when ``sparsity * numel`` is an
    integer). Printed: relative layer error ``tr(dW G dW^T) / tr(W G W^T)`` under our Gram, kept weights, mask
@@ -37,6 +42,8 @@ the first half of the articles, held-out windows from the second half):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/baselines_reference.py
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/baselines_reference.py --parts sequential --seq-blocks 30 \
         --methods admm wanda --seq-len 128
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/baselines_reference.py --parts sequential --methods dsf \
+        --seq-blocks 2 --seq-len 512 --no-noise-floor      # DSF's prune time against the paper's, same pipeline
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ import time
 
 import torch
 from llm_block import block_linears, perplexity  # benchmarks/ is the script directory
+from topk_dsf import topk_dsf
 from torch import nn
 
 from dsf_lightning.calibration import InputGramRecorder
@@ -56,7 +64,7 @@ from dsf_lightning.data import load_smollm2, token_batches, wikipedia_texts
 from dsf_lightning.factorization import factorize, reconstruction_error
 from dsf_lightning.pruning import prune
 
-METHODS = ("sparsegpt", "admm", "wanda")
+METHODS = ("sparsegpt", "admm", "wanda", "dsf")
 
 
 # =============================================================================================
@@ -187,7 +195,41 @@ class RefWanda:
         return W
 
 
-REFERENCE = {"sparsegpt": RefSparseGPT, "admm": RefAdmm, "wanda": RefWanda}
+class RefDSF(RefSparseGPT):
+    """usamec/double_sparse ``DoubleSparse`` (``doublesparse.py``: ``add_batch`` as SparseGPT's, ``factorize`` /
+    ``factorizef`` / ``factorizeT`` / ``finalize``), the LLM script's defaults: square share 0.16 of ``r^2`` for a
+    square ``W`` and 0.25 otherwise, 40 outer iterations, finalization of the output-side factor (20 ADMM
+    iterations on the fixed mask). Algorithm 1 runs as ``topk_dsf.topk_dsf`` (the reference's loop with ``topk``
+    for its full sort: the same masks and factors) on ``W`` scaled by ``sqrt(diag H)`` per input."""
+
+    def fasterprune(self, sparsity: float, finalize: bool = True) -> torch.Tensor:
+        W = self.weight.float()
+        share = 0.16 if W.shape[0] == W.shape[1] else 0.25
+        nza = int(min(W.shape) ** 2 * share)
+        nzb = int(W.numel() * (1 - sparsity) - nza)
+        norm = self.H.diagonal().sqrt() + 1e-8
+        Ab, Bn = topk_dsf(W * norm, nza, nzb)  # W * norm ~= Ab @ Bn: Ab (out, r) output side, Bn (r, fan_in)
+        Bb = Bn / norm
+        if not finalize:
+            return Ab @ Bb
+        # finalize(): refit Ab on its mask, min tr((Ac Bb - W) H (Ac Bb - W)^T), inputs Bb x normalized
+        mask = (Ab != 0).T
+        XX = Bb @ self.H @ Bb.T
+        XY = Bb @ self.H @ W.T
+        norm2 = XX.diagonal().sqrt() + 1e-8
+        XX = XX / norm2 / norm2[:, None]
+        XY = XY / norm2[:, None]
+        Ax = (Ab * norm2).T.clone()
+        XXinv = torch.inverse(XX + torch.eye(XX.shape[0]))
+        U = torch.zeros_like(Ax)
+        for _ in range(20):
+            Z = (Ax + U) * mask
+            U = U + (Ax - Z)
+            Ax = XXinv @ (XY + (Z - U))
+        return (Z.T / norm2) @ Bb
+
+
+REFERENCE = {"sparsegpt": RefSparseGPT, "admm": RefAdmm, "wanda": RefWanda, "dsf": RefDSF}
 
 
 @torch.no_grad()
@@ -244,12 +286,12 @@ def timed(fn, *args, repeat: int = 1, **kwargs):
     return out, best
 
 
-def layerwise(model, calib, blocks, projections, density, repeat):
+def layerwise(model, calib, blocks, projections, density, repeat, methods=METHODS):
     layers = {n: m for n, m in block_linears(model, blocks).items() if n.rsplit(".", 1)[1] in projections}
-    refs = {(n, meth): REFERENCE[meth](m.weight) for n, m in layers.items() for meth in METHODS}
+    refs = {(n, meth): REFERENCE[meth](m.weight) for n, m in layers.items() for meth in methods}
     def hook(name):
         def add(module, inp, out):
-            for meth in METHODS:
+            for meth in methods:
                 refs[(name, meth)].add_batch(inp[0])
         return add
 
@@ -266,17 +308,21 @@ def layerwise(model, calib, blocks, projections, density, repeat):
     print("| layer | method | rel. error ours | ref (own stats) | ref (our Gram) | kept ours / ref | "
           "mask diff: own stats / our Gram | max diff / max W: own / our Gram | time ours / ref |")
     print("|---|---|---|---|---|---|---|---|---|")
-    totals = {m: [0.0, 0.0] for m in METHODS}
+    totals = {m: [0.0, 0.0] for m in methods}
     for name, layer in layers.items():
         w, g = layer.weight.detach(), grams[name]
         base = reconstruction_error(w, torch.zeros_like(w), g)
-        for meth in METHODS:
-            ours, t_ours = timed(factorize, meth, w, density, g, name=name, repeat=repeat)
+        for meth in methods:
+            opts = {"preset": "llm"} if meth == "dsf" else {}
+            ours, t_ours = timed(factorize, meth, w, density, g, name=name, repeat=repeat, **opts)
             ref_own, t_ref = timed(refs[(name, meth)].fasterprune, sparsity, repeat=repeat)
             same = REFERENCE[meth](w)  # fed exactly what ours sees: H = 2 G, X^T X = G, scaler_row = diag(G)
             if meth == "sparsegpt":
                 same.H = 2 * g
                 ref_same = same.fasterprune(sparsity - 0.5 / (w.shape[0] * 128))
+            elif meth == "dsf":
+                same.H = g.clone()
+                ref_same = same.fasterprune(sparsity)
             elif meth == "admm":
                 same.XX = g.clone()
                 ref_same = same.fasterprune(sparsity)
@@ -287,16 +333,20 @@ def layerwise(model, calib, blocks, projections, density, repeat):
             totals[meth][1] += t_ref
             short = name.replace("model.layers.", "").replace("self_attn.", "").replace("mlp.", "")
             diff = [float((ours.product - r).abs().max() / w.abs().max()) for r in (ref_own, ref_same)]
-            flips = [int((ours.first_mask != (r != 0)).sum()) for r in (ref_own, ref_same)]
+            if meth == "dsf":  # the reference returns only the product: no mask or count to compare
+                kept, flips = f"{ours.nnz} / -", "- / -"
+            else:
+                kept = f"{ours.nnz} / {int((ref_own != 0).sum())}"
+                flips = " / ".join(str(int((ours.first_mask != (r != 0)).sum())) for r in (ref_own, ref_same))
             print(f"| {short} | {meth} | {ours.relative_error:.6g} | {reconstruction_error(w, ref_own, g) / base:.6g}"
-                  f" | {reconstruction_error(w, ref_same, g) / base:.6g} | {ours.nnz} / {int((ref_own != 0).sum())}"
-                  f" | {flips[0]} / {flips[1]} | {diff[0]:.1e} / {diff[1]:.1e}"
+                  f" | {reconstruction_error(w, ref_same, g) / base:.6g} | {kept}"
+                  f" | {flips} | {diff[0]:.1e} / {diff[1]:.1e}"
                   f" | {t_ours / t_ref:.2f} |", flush=True)
     print("\ntotal time ours / reference: " + ", ".join(f"{m} {a / b:.2f} ({a:.2f} s / {b:.2f} s)"
                                                        for m, (a, b) in totals.items()))
 
 
-def sequential(model, calib, held_out, blocks, density, methods):
+def sequential(model, calib, held_out, blocks, density, methods, noise_floor=True):
     print(f"\n## Sequential, density {density}: SmolLM2's first {blocks} blocks pruned, {calib.shape[0]} x "
           f"{calib.shape[1]} calibration tokens, {held_out.shape[0]} x {held_out.shape[1]} held-out tokens")
     print(f"dense perplexity {perplexity(model, held_out):.3f}")
@@ -320,9 +370,10 @@ def sequential(model, calib, held_out, blocks, density, methods):
         return perplexity(pruned, held_out), seconds
 
     for meth in methods:
-        (ppl, t_ours), (ppl1, _), (ref, t_ref) = ours(meth, 8), ours(meth, 1), reference(meth)
+        (ppl, t_ours), (ref, t_ref) = ours(meth, 8), reference(meth)
+        ppl1 = f"{ours(meth, 1)[0]:.3f}" if noise_floor else "not run"
         count = f"{reference(meth, our_count=True)[0]:.3f}" if meth == "sparsegpt" else "same"
-        print(f"| {meth} | {ppl:.3f} | {ppl1:.3f} | {ref:.3f} | {count} | {t_ours:.1f} / {t_ref:.1f} = "
+        print(f"| {meth} | {ppl:.3f} | {ppl1} | {ref:.3f} | {count} | {t_ours:.1f} / {t_ref:.1f} = "
               f"{t_ours / t_ref:.2f} |", flush=True)
 
 
@@ -331,6 +382,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--parts", nargs="+", choices=("layerwise", "sequential"), default=["layerwise", "sequential"])
     p.add_argument("--density", type=float, default=0.5)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="sequential: methods")
+    p.add_argument("--layer-methods", nargs="+", choices=METHODS, default=list(METHODS), help="layer-wise: methods")
+    p.add_argument("--no-noise-floor", action="store_true",
+                   help="sequential: skip the 'ours, batches of 1' column (one more prune per method)")
     p.add_argument("--blocks", type=int, nargs="+", default=[3, 15], help="layer-wise: decoder blocks")
     p.add_argument("--projections", nargs="+", default=["q_proj", "k_proj", "gate_proj", "down_proj"])
     p.add_argument("--seq-blocks", type=int, default=4, help="sequential: the first N blocks are pruned")
@@ -349,9 +403,9 @@ def main(argv: list[str] | None = None) -> None:
     held_out = token_batches(tokenizer, texts[len(texts) // 2 :], args.seq_len, args.eval_sequences, seed=1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, float32, CPU")
     if "layerwise" in args.parts:
-        layerwise(model, calib, args.blocks, args.projections, args.density, args.repeat)
+        layerwise(model, calib, args.blocks, args.projections, args.density, args.repeat, args.layer_methods)
     if "sequential" in args.parts:
-        sequential(model, calib, held_out, args.seq_blocks, args.density, args.methods)
+        sequential(model, calib, held_out, args.seq_blocks, args.density, args.methods, not args.no_noise_floor)
 
 
 if __name__ == "__main__":
