@@ -22,12 +22,12 @@ The references run the model in fp16 on a GPU (their pruning math in float32); h
 the CPU, one thread. Two parts, on the real SmolLM2-135M with gensim's Wikipedia text (calibration windows from
 the first half of the articles, held-out windows from the second half):
 
-1. Layer-wise: the listed projections of the listed blocks, inputs recorded on the dense model. Each method
-   runs (a) ours on our Gram, (b) the reference on its own statistics accumulated from the same activations,
-   (c) the reference on exactly our Gram (``H = 2 G``, ``X^T X = G``, ``scaler_row = diag G``, DSF ``H = G``: the
-   scale cancels in every method), which isolates the algorithm from the float32 rounding of the accumulation. For SparseGPT
-   (c) is called with ``sparsity - 0.5 / (out * blocksize)``, which makes the reference prune exactly our count
-   in every block (its ``tmp <= thresh`` prunes one weight more per block when ``sparsity * numel`` is an
+1. Layer-wise: the listed projections of the listed blocks, inputs recorded on the dense model. Each method runs
+   (a) ours on our Gram, (b) the reference on its own statistics accumulated from the same activations, (c) the
+   reference on exactly our Gram (``H = 2 G``, ``X^T X = G``, ``scaler_row = diag G``, DSF ``H = G``: the scale
+   cancels in every method), which isolates the algorithm from the float32 rounding of the accumulation. For
+   SparseGPT (c) is called with ``sparsity - 0.5 / (out * blocksize)``, which makes the reference prune exactly our
+   count in every block (its ``tmp <= thresh`` prunes one weight more per block when ``sparsity * numel`` is an
    integer). Printed: relative layer error ``tr(dW G dW^T) / tr(W G W^T)`` under our Gram, kept weights, mask
    entries that differ from ours, ``max |ours - ref| / max |W|``, and time ratios ours / reference (b), same run.
 2. Sequential: the 7 projections of SmolLM2's first ``--seq-blocks`` blocks pruned block by block, ours
