@@ -70,8 +70,9 @@ METHODS = ("sparsegpt", "admm", "wanda", "dsf")
 # =============================================================================================
 # REFERENCE: transcriptions of the reference implementations (see the module docstring)
 # =============================================================================================
-class RefSparseGPT:
-    """IST-DASLab/sparsegpt ``SparseGPT`` (nn.Linear, unstructured, no quantizer)."""
+class HessianAccumulator:
+    """IST-DASLab/sparsegpt ``SparseGPT.__init__`` / ``add_batch``: ``H = 2/n sum x x^T`` over the ``n`` samples
+    (usamec/double_sparse ``DoubleSparse`` accumulates the same)."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight.detach().clone()
@@ -88,6 +89,17 @@ class RefSparseGPT:
         self.nsamples += tmp
         inp = math.sqrt(2 / self.nsamples) * inp.float()
         self.H += inp.matmul(inp.t())
+
+    @classmethod
+    def from_gram(cls, weight: torch.Tensor, gram: torch.Tensor) -> HessianAccumulator:
+        """Fed exactly what ours sees: ``H = 2 G`` (``G``: our mean input Gram)."""
+        out = cls(weight)
+        out.H = 2 * gram
+        return out
+
+
+class RefSparseGPT(HessianAccumulator):
+    """IST-DASLab/sparsegpt ``SparseGPT`` (nn.Linear, unstructured, no quantizer)."""
 
     def fasterprune(self, sparsity: float, blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
         W = self.weight.clone().float()
@@ -137,6 +149,13 @@ class RefAdmm:
         X = inp.reshape(-1, inp.shape[-1]).float()
         self.XX += X.T.matmul(X)
 
+    @classmethod
+    def from_gram(cls, weight: torch.Tensor, gram: torch.Tensor) -> RefAdmm:
+        """Fed exactly what ours sees: ``X^T X = G``."""
+        out = cls(weight)
+        out.XX = gram.clone()
+        return out
+
     def fasterprune(self, sparsity: float, percdamp: float = 0.1, iterative_prune: int = 15,
                     iters: int = 20) -> torch.Tensor:
         XX = self.XX.clone()
@@ -184,6 +203,13 @@ class RefWanda:
         inp = inp.type(torch.float32)
         self.scaler_row += torch.norm(inp, p=2, dim=1) ** 2 / self.nsamples
 
+    @classmethod
+    def from_gram(cls, weight: torch.Tensor, gram: torch.Tensor) -> RefWanda:
+        """Fed exactly what ours sees: ``scaler_row = diag G``."""
+        out = cls(weight)
+        out.scaler_row = gram.diagonal().clone()
+        return out
+
     def fasterprune(self, sparsity: float) -> torch.Tensor:
         W = self.weight.clone()
         W_metric = torch.abs(W) * torch.sqrt(self.scaler_row.reshape((1, -1)))
@@ -195,14 +221,21 @@ class RefWanda:
         return W
 
 
-class RefDSF(RefSparseGPT):
+class RefDSF(HessianAccumulator):
     """usamec/double_sparse ``DoubleSparse`` (``doublesparse.py``: ``add_batch`` as SparseGPT's, ``factorize`` /
     ``factorizef`` / ``factorizeT`` / ``finalize``), the LLM script's defaults: square share 0.16 of ``r^2`` for a
     square ``W`` and 0.25 otherwise, 40 outer iterations, finalization of the output-side factor (20 ADMM
     iterations on the fixed mask). Algorithm 1 runs as ``topk_dsf.topk_dsf`` (the reference's loop with ``topk``
     for its full sort: the same masks and factors) on ``W`` scaled by ``sqrt(diag H)`` per input."""
 
-    def fasterprune(self, sparsity: float, finalize: bool = True) -> torch.Tensor:
+    @classmethod
+    def from_gram(cls, weight: torch.Tensor, gram: torch.Tensor) -> RefDSF:
+        """Fed exactly what ours sees: ``H = G`` (its scaling and least squares do not see ``H``'s scale)."""
+        out = cls(weight)
+        out.H = gram.clone()
+        return out
+
+    def fasterprune(self, sparsity: float) -> torch.Tensor:
         W = self.weight.float()
         share = 0.16 if W.shape[0] == W.shape[1] else 0.25
         nza = int(min(W.shape) ** 2 * share)
@@ -210,8 +243,6 @@ class RefDSF(RefSparseGPT):
         norm = self.H.diagonal().sqrt() + 1e-8
         Ab, Bn = topk_dsf(W * norm, nza, nzb)  # W * norm ~= Ab @ Bn: Ab (out, r) output side, Bn (r, fan_in)
         Bb = Bn / norm
-        if not finalize:
-            return Ab @ Bb
         # finalize(): refit Ab on its mask, min tr((Ac Bb - W) H (Ac Bb - W)^T), inputs Bb x normalized
         mask = (Ab != 0).T
         XX = Bb @ self.H @ Bb.T
@@ -313,22 +344,12 @@ def layerwise(model, calib, blocks, projections, density, repeat, methods=METHOD
         w, g = layer.weight.detach(), grams[name]
         base = reconstruction_error(w, torch.zeros_like(w), g)
         for meth in methods:
-            opts = {"preset": "llm"} if meth == "dsf" else {}
+            opts = PruneConfig(density=density, method=meth).method_options("llm")
             ours, t_ours = timed(factorize, meth, w, density, g, name=name, repeat=repeat, **opts)
             ref_own, t_ref = timed(refs[(name, meth)].fasterprune, sparsity, repeat=repeat)
-            same = REFERENCE[meth](w)  # fed exactly what ours sees: H = 2 G, X^T X = G, scaler_row = diag(G)
-            if meth == "sparsegpt":
-                same.H = 2 * g
-                ref_same = same.fasterprune(sparsity - 0.5 / (w.shape[0] * 128))
-            elif meth == "dsf":
-                same.H = g.clone()
-                ref_same = same.fasterprune(sparsity)
-            elif meth == "admm":
-                same.XX = g.clone()
-                ref_same = same.fasterprune(sparsity)
-            else:
-                same.scaler_row = g.diagonal().clone()
-                ref_same = same.fasterprune(sparsity)
+            # SparseGPT on our Gram also prunes our count per column block (part 1)
+            s_same = sparsity - 0.5 / (w.shape[0] * 128) if meth == "sparsegpt" else sparsity
+            ref_same = REFERENCE[meth].from_gram(w, g).fasterprune(s_same)
             totals[meth][0] += t_ours
             totals[meth][1] += t_ref
             short = name.replace("model.layers.", "").replace("self_attn.", "").replace("mlp.", "")
