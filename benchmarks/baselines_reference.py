@@ -263,6 +263,12 @@ class RefDSF(HessianAccumulator):
 REFERENCE = {"sparsegpt": RefSparseGPT, "admm": RefAdmm, "wanda": RefWanda, "dsf": RefDSF}
 
 
+def exact_count_sparsity(sparsity: float, rows: int, blocksize: int = 128) -> float:
+    """The sparsity at which the SparseGPT reference prunes exactly our count in every column block: its
+    ``tmp <= thresh`` prunes one weight more per block when ``sparsity * rows * blocksize`` is an integer."""
+    return sparsity - 0.5 / (rows * blocksize)
+
+
 @torch.no_grad()
 def reference_sequential(model: nn.Module, calib: torch.Tensor, method: str, sparsity: float, blocks: int,
                          our_count: bool = False) -> None:
@@ -299,7 +305,7 @@ def reference_sequential(model: nn.Module, calib: torch.Tensor, method: str, spa
         for h in handles:
             h.remove()
         for n, m in subset.items():
-            s = sparsity - 0.5 / (m.weight.shape[0] * 128) if our_count else sparsity
+            s = exact_count_sparsity(sparsity, m.weight.shape[0]) if our_count else sparsity
             m.weight.data = pruners[n].fasterprune(s).to(m.weight.dtype)
         inps = [layer(x.unsqueeze(0), **kwargs)[0] for x in inps]
 
@@ -347,8 +353,7 @@ def layerwise(model, calib, blocks, projections, density, repeat, methods=METHOD
             opts = PruneConfig(density=density, method=meth).method_options("llm")
             ours, t_ours = timed(factorize, meth, w, density, g, name=name, repeat=repeat, **opts)
             ref_own, t_ref = timed(refs[(name, meth)].fasterprune, sparsity, repeat=repeat)
-            # SparseGPT on our Gram also prunes our count per column block (part 1)
-            s_same = sparsity - 0.5 / (w.shape[0] * 128) if meth == "sparsegpt" else sparsity
+            s_same = exact_count_sparsity(sparsity, w.shape[0]) if meth == "sparsegpt" else sparsity
             ref_same = REFERENCE[meth].from_gram(w, g).fasterprune(s_same)
             totals[meth][0] += t_ours
             totals[meth][1] += t_ref
