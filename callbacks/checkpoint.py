@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from dsf_lightning.files import check_torch_file
 from dsf_lightning.structure import CHECKPOINT_KEY, PrunedCheckpointMixin, load_pruned
 
 __all__ = ["load_pruned_checkpoint"]
@@ -24,7 +25,10 @@ def load_pruned_checkpoint(module: type[pl.LightningModule] | pl.LightningModule
     in ``checkpoint["dsf_structure"]`` is applied before the strict state-dict load, so the result holds
     the same masked modules and weights as the trained one. Classes with
     :class:`~dsf_lightning.structure.PrunedCheckpointMixin` do this in their own ``load_from_checkpoint``.
+    A truncated or corrupted file is a ``ValueError`` naming it (:func:`~dsf_lightning.files.check_torch_file`),
+    before anything is loaded.
     """
+    check_torch_file(path, "checkpoint")
     if isinstance(module, type) and issubclass(module, PrunedCheckpointMixin):
         return module.load_from_checkpoint(path, map_location=map_location, weights_only=weights_only, **kwargs)
     checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only is not False)

@@ -44,6 +44,7 @@ from dsf_lightning import __version__
 from dsf_lightning.allocation import ALLOCATIONS
 from dsf_lightning.compare import markdown_table, plot
 from dsf_lightning.config import PruneConfig
+from dsf_lightning.files import write_json
 from dsf_lightning.recipes import (
     RECIPE_METHODS,
     DenseConfig,
@@ -164,10 +165,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         results[method] = metrics
         who = identity(run_config, model)
         run_dir = os.path.join(opts.output_dir, run_name(who))
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "results.json"), "w") as f:
-            json.dump({"identity": who, "version": __version__, "metrics": metrics,
-                       "prune": callback.report.totals(), "config": run_config.to_dict()}, f, indent=2)
+        write_json(os.path.join(run_dir, "results.json"), {"identity": who, "version": __version__, "metrics": metrics,
+                                                           "prune": callback.report.totals(),
+                                                           "config": run_config.to_dict()})
         print(f"{method}: pre-fine-tune {100 * metrics['pre_finetune/val_acc']:.2f}%, post-fine-tune "
               f"{100 * metrics['post_finetune/val_acc']:.2f}% ({metrics['seconds']:.0f}s)", flush=True)
 

@@ -13,7 +13,7 @@ Three exits from a pruned model (one holding :mod:`dsf_lightning.modules` layers
   matrices (:class:`CSRDSFLinear` with two, :class:`CSRLinear` with one), the setting of the
   paper's appendix A.3 CPU benchmark.
 
-Packed file layout (``format = "dsf-packed"``, ``version = "2"`` in the metadata):
+Packed file layout (``format = "dsf-packed"``, ``version = "3"`` in the metadata):
 
 * ``<name>.<param>.values``: ``param[mask]`` (row-major mask order) in the chosen ``dtype``, for
   every masked parameter (``first``/``second`` of DSF layers, ``weight`` of Sparse layers);
@@ -25,7 +25,11 @@ Packed file layout (``format = "dsf-packed"``, ``version = "2"`` in the metadata
   accounting -- and integer/bool tensors (``num_batches_tracked``) keep their dtype.
   ``dtype=None`` keeps every tensor's own dtype (lossless for float32 models);
 * metadata ``structure``: the model's structure spec as JSON
-  (:func:`~dsf_lightning.structure.structure_spec`), which rebuilds every pruned module empty.
+  (:func:`~dsf_lightning.structure.structure_spec`), which rebuilds every pruned module empty;
+* metadata ``sha256``: :func:`packed_digest` of every tensor (name, dtype, shape, bytes) and the other
+  metadata. safetensors checks the header's layout but not the data, so a flipped bit would load as a
+  wrong value; the digest turns any corruption into an error naming the file. Version 2 files (no digest)
+  still load, unverified.
 
 Loading casts every value to the dtype of the receiving model, so the round trip is bit-exact
 when the model's values are representable in the stored dtype and equals rounding otherwise.
@@ -34,16 +38,20 @@ Mask buffers are not stored as tensors: they are the unpacked bits.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 from safetensors.torch import save as st_save_bytes
 from torch import Tensor, nn
 
+from dsf_lightning.files import atomic_path
 from dsf_lightning.modules import DSFLinear, MaskedLayer, SparseLinear
 from dsf_lightning.structure import pruned_modules, replace_module, structure_applied, structure_spec
 
@@ -56,6 +64,7 @@ __all__ = [
     "merged_state_dict",
     "pack_bits",
     "pack_model",
+    "packed_digest",
     "packed_size_bytes",
     "save_packed",
     "to_csr",
@@ -63,7 +72,8 @@ __all__ = [
 ]
 
 PACKED_FORMAT = "dsf-packed"
-PACKED_VERSION = "2"
+PACKED_VERSION = "3"
+_UNVERIFIED_VERSIONS = ("2",)  # written before the digest: loaded without it
 _BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
 
 
@@ -179,13 +189,26 @@ def pack_model(model: nn.Module, dtype: torch.dtype | None = torch.float16
         seen.add(ptr)
     metadata = {"format": PACKED_FORMAT, "version": PACKED_VERSION, "dtype": _dtype_name(dtype),
                 "structure": json.dumps(structure_spec(model))}
+    metadata["sha256"] = packed_digest(tensors, metadata)
     return tensors, metadata
 
 
+def packed_digest(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:
+    """SHA-256 over the metadata (but ``sha256``) and every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in metadata.items() if k != "sha256"}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_packed(model: nn.Module, path: str | Path, dtype: torch.dtype | None = torch.float16) -> int:
-    """Write ``model`` in the packed format to ``path`` (safetensors); returns the file size in bytes."""
+    """Write ``model`` in the packed format to ``path`` (safetensors), atomically (a failed or interrupted
+    write leaves the previous file at ``path``); returns the file size in bytes."""
     tensors, metadata = pack_model(model, dtype)
-    save_file(tensors, str(path), metadata=metadata)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return Path(path).stat().st_size
 
 
@@ -196,9 +219,32 @@ def packed_size_bytes(model: nn.Module, dtype: torch.dtype | None = torch.float1
 
 
 def _read_packed(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        metadata = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    """The tensors and metadata of a packed file, checked: ``FileNotFoundError``, or ``ValueError`` naming the
+    file when it is truncated, corrupted (digest mismatch), not a packed file or of another version."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"load_packed: no such file {str(path)!r}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"load_packed: {str(path)!r} is truncated or not a safetensors file ({e}); "
+                         f"nothing was loaded") from e
+    version = metadata.get("version")
+    if ("sha256" in metadata or version == PACKED_VERSION) and metadata.get("sha256") != packed_digest(tensors,
+                                                                                                     metadata):
+        raise ValueError(f"load_packed: {str(path)!r} is corrupted: its contents do not match the sha256 digest "
+                         f"written with them; nothing was loaded")
+    if metadata.get("format") != PACKED_FORMAT:
+        raise ValueError(f"load_packed: {path} is not a {PACKED_FORMAT!r} file (metadata format="
+                         f"{metadata.get('format')!r})")
+    if version not in (PACKED_VERSION, *_UNVERIFIED_VERSIONS):
+        raise ValueError(f"load_packed: {path} has packed version {version!r}, this dsf-lightning "
+                         f"reads version {PACKED_VERSION}; export it again with save_packed")
+    try:
+        json.loads(metadata["structure"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"load_packed: {str(path)!r} has no readable structure spec ({e})") from e
     return tensors, metadata
 
 
@@ -213,12 +259,6 @@ def load_packed(model: nn.Module, path: str | Path) -> nn.Module:
     model's dtypes and devices. On any mismatch the model keeps its original modules. Returns ``model``.
     """
     tensors, metadata = _read_packed(path)
-    if metadata.get("format") != PACKED_FORMAT:
-        raise ValueError(f"load_packed: {path} is not a {PACKED_FORMAT!r} file (metadata format="
-                         f"{metadata.get('format')!r})")
-    if metadata.get("version") != PACKED_VERSION:
-        raise ValueError(f"load_packed: {path} has packed version {metadata.get('version')!r}, this dsf-lightning "
-                         f"reads version {PACKED_VERSION}; export it again with save_packed")
     spec = json.loads(metadata["structure"])
     with structure_applied(model, spec):
         expected = set(model.state_dict())

@@ -145,7 +145,8 @@ def test_packed_file_contents(pruned, tmp_path):
         assert f.get_tensor("body.layer1.0.conv1.first.values").dtype == torch.float16
         assert f.get_tensor("body.bn1.num_batches_tracked").dtype == torch.int64
     structure = json.loads(meta["structure"])
-    assert meta["format"] == "dsf-packed" and meta["dtype"] == "float16" and meta["version"] == "2"
+    assert meta["format"] == "dsf-packed" and meta["dtype"] == "float16" and meta["version"] == "3"
+    assert len(meta["sha256"]) == 64  # the digest load_packed checks (tests/test_faults.py corrupts files)
     assert structure == structure_spec(pruned)  # the one structure format, as checkpoints carry it
     by_name = {e["name"]: e for e in structure["modules"]}
     assert by_name["body.fc"]["class"] == "DSFLinear" and by_name["head"]["class"] == "SparseLinear"
