@@ -14,18 +14,21 @@ initialized process group of more than one process (:func:`world`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from dsf_lightning.calibration import GramAccumulator
 from dsf_lightning.factorization import Factorization
 from dsf_lightning.jobs import Executor, LayerJob, LayerResult, batch_groups, solve_group
 
-__all__ = ["all_reduce_grams", "balance_layers", "broadcast_result", "distributed_executor", "world"]
+__all__ = ["all_reduce_grams", "balance_layers", "broadcast_result", "collective", "distributed_executor",
+           "is_sharded", "world"]
 
 _FACTOR_FIELDS = ("first", "first_mask", "second", "second_mask")
 
@@ -45,6 +48,20 @@ def comm_device(device: torch.device | None = None) -> torch.device:
     return device if device is not None and device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
 
 
+@contextlib.contextmanager
+def collective(what: str) -> Iterator[None]:
+    """Collectives of the prune: a failure (a peer that raised, was killed or lost its connection: gloo
+    notices at once; NCCL only at the process group's timeout) becomes an error naming this rank and the
+    step, so the surviving ranks exit with the cause instead of a bare transport error."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.distributed.DistError is one too
+        rank, size = world()
+        raise RuntimeError(f"rank {rank} of {size}: {what} failed: another rank stopped (it raised, was killed or "
+                           f"lost its connection; its own output has the cause) [{type(e).__name__}: "
+                           f"{str(e)[:200]}]") from e
+
+
 def all_reduce_grams(accumulators: Mapping[str, GramAccumulator], device: torch.device) -> dict[str, GramAccumulator]:
     """The accumulators of all ranks merged (count-weighted): every rank gets the same Grams.
 
@@ -55,10 +72,19 @@ def all_reduce_grams(accumulators: Mapping[str, GramAccumulator], device: torch.
         total, count = acc.to_sum()
         total = total.to(comm)
         n = torch.tensor([count], dtype=torch.float64, device=comm)
-        dist.all_reduce(total)
-        dist.all_reduce(n)
+        with collective(f"the all-reduce of layer {name!r}'s calibration Gram"):
+            dist.all_reduce(total)
+            dist.all_reduce(n)
         merged[name] = GramAccumulator.from_sum(total, int(n.item()), device=device)
     return merged
+
+
+def is_sharded(loader: object) -> bool:
+    """Whether a ``DataLoader`` already gives each rank its own shard (a ``DistributedSampler``)."""
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    return isinstance(sampler, DistributedSampler) or isinstance(getattr(batch_sampler, "sampler", None),
+                                                                 DistributedSampler)
 
 
 def balance_layers(costs: Sequence[int], world_size: int) -> list[int]:
@@ -86,7 +112,8 @@ def broadcast_result(result: LayerResult | None, src: int, device: torch.device)
                 "info": {k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in f.info.items()},
                 "magnitude": (result.magnitude_error, result.magnitude_relative_error), "seconds": result.seconds}
     box = [meta if rank == src else None]
-    dist.broadcast_object_list(box, src=src, device=comm if comm.type != "cpu" else None)
+    with collective(f"the broadcast of a layer's factors from rank {src}"):
+        dist.broadcast_object_list(box, src=src, device=comm if comm.type != "cpu" else None)
     meta = box[0]
     out: dict[str, Tensor | None] = {}
     for n in _FACTOR_FIELDS:
@@ -100,7 +127,8 @@ def broadcast_result(result: LayerResult | None, src: int, device: torch.device)
             t = tensors[n].detach().to(device=comm, dtype=wire).contiguous()
         else:
             t = torch.empty(shape, dtype=wire, device=comm)
-        dist.broadcast(t, src=src)
+        with collective(f"the broadcast of a layer's {n} from rank {src}"):
+            dist.broadcast(t, src=src)
         out[n] = t.to(device=device, dtype=dtype)
     if rank == src:  # the owner keeps its own tensors: identical values, no copy needed
         fact = result.factorization

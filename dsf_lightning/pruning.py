@@ -13,16 +13,18 @@ The steps are separate so that the Lightning callback and distributed runs reuse
 4. :func:`layer_jobs` + an *executor* -- solve every layer (here, :func:`~dsf_lightning.jobs.solve_serially`:
    small layers of one shape in batches, the rest one after the other; or split across processes,
    :mod:`dsf_lightning.distributed`);
-5. :func:`install` -- fill the pruned modules (or replace the dense layers) and describe each one.
+5. :func:`install` -- fill the pruned modules (or replace the dense layers) and describe each one; under
+   :func:`all_or_nothing` a prune that fails or is interrupted (Ctrl-C) leaves the model as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -43,6 +45,8 @@ from dsf_lightning.targets import Family, detect_family, find_targets
 
 __all__ = [
     "PrunePlan",
+    "Undo",
+    "all_or_nothing",
     "allocate_densities",
     "build_structure",
     "unbuild_structure",
@@ -248,11 +252,61 @@ def layer_jobs(plan: PrunePlan, grams: Mapping[str, Tensor] | None = None) -> li
     return jobs
 
 
+class Undo:
+    """What :func:`install` changed in a model, to put back when the prune does not finish (an error, a
+    ``KeyboardInterrupt``): replaced dense layers (the original modules, kept on ``store``) and pruned
+    modules filled in place (their state before, copied to ``store``)."""
+
+    def __init__(self, store: torch.device | str = "cpu") -> None:
+        self.store = torch.device(store)
+        self._entries: list[tuple[str, nn.Module, torch.device, dict[str, Tensor] | None]] = []
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keep(self, name: str, layer: nn.Module) -> None:
+        """Remember ``layer`` (at ``name``) as it is now, before :func:`install` changes it."""
+        device = next(layer.parameters()).device
+        if isinstance(layer, MaskedLayer):  # filled in place: its values change, the module stays
+            saved = {k: v.detach().to(self.store, copy=True) for k, v in layer.state_dict().items()}
+            self._entries.append((name, layer, device, saved))
+        else:  # replaced: the module itself is the way back (install moves it to ``store`` once replaced)
+            self._entries.append((name, layer, device, None))
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module) -> int:
+        """Put every remembered layer back as it was (newest first); returns how many."""
+        for name, layer, device, saved in reversed(self._entries):
+            if saved is None:
+                replace_module(model, name, layer.to(device))
+            else:
+                layer.load_state_dict(saved)
+        n = len(self._entries)
+        self._entries.clear()
+        return n
+
+
+@contextlib.contextmanager
+def all_or_nothing(model: nn.Module, store: torch.device | str = "cpu") -> Iterator[Undo]:
+    """The prune inside the block changes ``model`` completely or not at all: on any exception
+    (``KeyboardInterrupt`` too) the layers :func:`install` changed are put back (:class:`Undo`), and the
+    exception leaves with a note saying so."""
+    undo = Undo(store)
+    try:
+        yield undo
+    except BaseException as e:
+        n = undo.restore(model)
+        e.add_note(f"dsf-lightning: the prune did not finish ({type(e).__name__}); the model is unchanged "
+                   f"({n} layer(s) put back as they were before the prune)")
+        raise
+
+
 @torch.no_grad()
-def install(model: nn.Module, plan: PrunePlan, results: Mapping[str, LayerResult]) -> list[LayerRecord]:
+def install(model: nn.Module, plan: PrunePlan, results: Mapping[str, LayerResult],
+            undo: Undo | None = None) -> list[LayerRecord]:
     """Put every solved layer in place, in module order, and describe it: a pruned module built by
     :func:`build_structure` is filled in place (its parameters stay the same objects); a dense layer is
-    replaced by a new pruned module."""
+    replaced by a new pruned module. ``undo`` remembers each layer first (:func:`all_or_nothing`)."""
     cfg = plan.config
     records = []
     for name, layer in plan.targets.items():
@@ -260,11 +314,15 @@ def install(model: nn.Module, plan: PrunePlan, results: Mapping[str, LayerResult
         result = results[name]
         fact = result.factorization
         out, fan_in = target_matrix(layer).shape
+        if undo is not None:
+            undo.keep(name, layer)
         if isinstance(layer, MaskedLayer):
             new = layer.load_factorization_(fact)
         else:
             new = pruned_module(layer, cfg.two_factor, fact, forward_mode=cfg.forward_mode)
             replace_module(model, name, new)
+            if undo is not None:  # out of the model now: off the accelerator until the prune is done
+                layer.to(undo.store)
         if cfg.balance_norms and fact.second is not None:
             new.balance_norms_()
         density = plan.densities[name]
@@ -336,9 +394,10 @@ def prune(
             raise ValueError("sequential=True records Grams block by block: pass calibration=<batches>, not grams")
         from dsf_lightning.sequential import prune_blocks  # imports Lightning's batch mover
 
-        report.layers, report.calibration_tokens, report.working_set_bytes = prune_blocks(
-            model, plan, islice(calibration, config.calibration_batches), forward=forward, executor=executor,
-            progress=progress)
+        with all_or_nothing(model) as undo:
+            report.layers, report.calibration_tokens, report.working_set_bytes = prune_blocks(
+                model, plan, islice(calibration, config.calibration_batches), forward=forward, executor=executor,
+                progress=progress, undo=undo)
         report.seconds = time.perf_counter() - start
         return report
     if calibration is not None:
@@ -350,6 +409,7 @@ def prune(
         results = executor(jobs) if executor is not None else solve_serially(jobs, progress)
     finally:
         jobs.clear()  # the float32 copies of the weights
-    report.layers = install(model, plan, results)
+    with all_or_nothing(model) as undo:
+        report.layers = install(model, plan, results, undo)
     report.seconds = time.perf_counter() - start
     return report

@@ -27,7 +27,15 @@ from tqdm.auto import tqdm
 from dsf_lightning.calibration import InputGramRecorder
 from dsf_lightning.distributed import all_reduce_grams, world
 from dsf_lightning.jobs import Executor, solve_serially
-from dsf_lightning.pruning import PrunePlan, allocate_densities, default_forward, install, layer_jobs, record_grams
+from dsf_lightning.pruning import (
+    PrunePlan,
+    Undo,
+    allocate_densities,
+    default_forward,
+    install,
+    layer_jobs,
+    record_grams,
+)
 from dsf_lightning.report import LayerRecord
 from dsf_lightning.targets import block_stacks
 
@@ -159,13 +167,15 @@ def allocate_before_blocks(model: nn.Module, plan: PrunePlan, batches: list,
 def prune_blocks(model: nn.Module, plan: PrunePlan, batches: Iterable, *,
                  forward: Callable[[nn.Module, Any], Any] | None = None, executor: Executor | None = None,
                  store: torch.device | str | None = "cpu", device: torch.device | str | None = None,
-                 progress: bool = True) -> tuple[list[LayerRecord], dict[str, int], int]:
+                 progress: bool = True, undo: Undo | None = None) -> tuple[list[LayerRecord], dict[str, int], int]:
     """Prune ``plan``'s targets block by block (module docstring), in place.
 
     Under ``torch.distributed`` each rank passes its own shard of ``batches``; the Grams are all-reduced
     and ``executor`` (e.g. :func:`~dsf_lightning.distributed.distributed_executor`) splits each block's
     layers across ranks. Returns the layer records, the calibration tokens per layer and the peak of the
-    pipeline's working set in bytes (activations, one block's Grams, its factor jobs).
+    pipeline's working set in bytes (activations, one block's Grams, its factor jobs). ``undo`` remembers
+    every layer before it changes (:func:`~dsf_lightning.pruning.all_or_nothing`: a prune interrupted at
+    block ``i`` puts blocks ``0..i-1`` back).
     """
     blocks = decoder_blocks(model)
     owned = {b: [t for t in plan.targets if t.startswith(b + ".")] for b, _ in blocks}
@@ -202,7 +212,7 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, batches: Iterable, *,
             run.note(grams, [(j.weight, j.gram) for j in jobs])
             results = executor(jobs) if executor is not None else solve_serially(jobs, progress=False)
             del jobs, grams, accs, rec
-            records += install(model, sub, results)
+            records += install(model, sub, results, undo)
         run.run(block, keep_outputs=True)
     bar.close()
     return records, counts, run.peak_bytes
