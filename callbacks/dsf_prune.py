@@ -14,7 +14,7 @@ between two hooks (why, and Lightning's hook order: docs/ARCHITECTURE.md):
   (``pre_finetune/``) and optionally recalibrates BatchNorm (``bn_recalibrated/``). When Lightning
   restored a checkpoint of a pruned run (``fit(ckpt_path=...)``), it loaded the pruned weights into that
   structure: nothing is factorized again.
-* ``on_train_end``: evaluates the fine-tuned model (``post_finetune/``).
+* ``on_train_end``: proves the masks (``dsf/nonzeros_outside_masks``: 0) and evaluates (``post_finetune/``).
 * ``on_save_checkpoint``: stores the structure spec in ``checkpoint["dsf_structure"]`` for inference
   loading (:func:`~dsf_lightning.callbacks.checkpoint.load_pruned_checkpoint`).
 
@@ -24,6 +24,7 @@ rank zero (W&B, CSV, TensorBoard alike); W&B also gets the per-layer table ``dsf
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
@@ -36,16 +37,16 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
-from torch.utils.data import DistributedSampler
 from typing_extensions import override
 
 from dsf_lightning.callbacks.batchnorm import recalibrate_batchnorm
 from dsf_lightning.callbacks.evaluation import evaluate_module
 from dsf_lightning.config import PruneConfig, check_count
-from dsf_lightning.distributed import all_reduce_grams, distributed_executor, world
+from dsf_lightning.distributed import all_reduce_grams, distributed_executor, is_sharded, world
 from dsf_lightning.jobs import solve_serially
 from dsf_lightning.pruning import (
     PrunePlan,
+    all_or_nothing,
     allocate_densities,
     build_structure,
     default_forward,
@@ -57,7 +58,7 @@ from dsf_lightning.pruning import (
 )
 from dsf_lightning.report import PruneReport
 from dsf_lightning.sequential import prune_blocks
-from dsf_lightning.structure import CHECKPOINT_KEY, structure_spec
+from dsf_lightning.structure import CHECKPOINT_KEY, nonzeros_outside_masks, structure_spec
 
 __all__ = ["DSFPruneCallback"]
 
@@ -132,7 +133,7 @@ class DSFPruneCallback(Callback):
         self.factorization_runs = 0
         self.resumed = False
         self._plan: PrunePlan | None = None
-        self._pruned = self._filling = False
+        self._pruned = False
         self._restore_check: Any = None
 
     @property
@@ -171,10 +172,15 @@ class DSFPruneCallback(Callback):
             if self.log_dense and self.evaluate:
                 self._log_eval(trainer, pl_module, "dense")
             self._prune(trainer, pl_module)
-        except BaseException:
-            if not self._filling:  # e.g. a calibration forward that skips a layer: leave the model as it was
+        except BaseException as e:
+            # a prune that did not finish put every layer back (all_or_nothing): dense layers again, as it was
+            state = "fully pruned" if self._pruned else "unchanged (the dense layers are back)"
+            if not self._pruned:
                 unbuild_structure(pl_module, self._plan)
                 self._plan = None
+            if trainer.is_global_zero:  # stderr: Lightning turns Ctrl-C into sys.exit(1), printing no exception
+                print(f"DSFPruneCallback: the prune stopped with {type(e).__name__}; the model is {state}",
+                      file=sys.stderr, flush=True)
             raise
         if self.evaluate:
             self._log_eval(trainer, pl_module, "pre_finetune")
@@ -185,7 +191,9 @@ class DSFPruneCallback(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Evaluate the fine-tuned model (``post_finetune/``)."""
+        """Count the nonzeros outside the masks (0 while the pattern holds) and evaluate (``post_finetune/``)."""
+        if self._pruned:
+            self._log(trainer, {"dsf/nonzeros_outside_masks": float(nonzeros_outside_masks(pl_module))})
         if self.evaluate and self._pruned:
             self._log_eval(trainer, pl_module, "post_finetune")
 
@@ -209,7 +217,6 @@ class DSFPruneCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Called when ``fit`` restores a checkpoint of a pruned run: its weights are the pruned ones."""
         self.resumed = bool(state_dict.get("pruned"))
-        self._restored_state = dict(state_dict)
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         plan, cfg = self._plan, self.config
@@ -219,11 +226,11 @@ class DSFPruneCallback(Callback):
         report = PruneReport(method=cfg.method, family=plan.family, density=cfg.density, skipped=plan.skipped)
         with isolate_rng():
             torch.manual_seed(cfg.seed)
-            if cfg.sequential:  # fills block after block: no way back to the dense layers from here
-                self._filling = True
-                report.layers, report.calibration_tokens, report.working_set_bytes = prune_blocks(
-                    pl_module, plan, self._batches(trainer), forward=self._forward(trainer), executor=executor,
-                    progress=self.progress and trainer.is_global_zero)
+            if cfg.sequential:
+                with all_or_nothing(pl_module) as undo:
+                    report.layers, report.calibration_tokens, report.working_set_bytes = prune_blocks(
+                        pl_module, plan, self._batches(trainer), forward=self._forward(trainer), executor=executor,
+                        progress=self.progress and trainer.is_global_zero, undo=undo)
             else:
                 grams = None
                 if cfg.calibrated:
@@ -237,13 +244,13 @@ class DSFPruneCallback(Callback):
                 results = executor(jobs) if executor is not None else \
                     solve_serially(jobs, self.progress and trainer.is_global_zero)
                 jobs.clear()
-                self._filling = True  # from here on the modules hold factors: no way back to the dense layers
-                report.layers = install(pl_module, plan, results)
+                with all_or_nothing(pl_module) as undo:
+                    report.layers = install(pl_module, plan, results, undo)
+        self._pruned = True
         report.seconds = time.perf_counter() - start
         self.owned_layers = [r.name for r in report.layers if r.rank in (None, rank)]
         self.factorization_runs += 1
         self.report = report
-        self._pruned = True
         self._log_report(trainer, report, model=type(pl_module).__name__)
 
     def _batches(self, trainer: pl.Trainer) -> Iterable:
@@ -251,7 +258,7 @@ class DSFPruneCallback(Callback):
         is sharded: rank r takes batches r, r + W, ...)."""
         loader = self.calibration_loader if self.calibration_loader is not None else self._train_loader(trainer)
         rank, world_size = world()
-        if self.calibration_loader is not None and world_size > 1 and not _is_sharded(loader):
+        if self.calibration_loader is not None and world_size > 1 and not is_sharded(loader):
             loader = islice(loader, rank, None, world_size)
         return islice(loader, self.config.calibration_batches)
 
@@ -297,10 +304,12 @@ class DSFPruneCallback(Callback):
             rank_zero_debug(f"DSFPruneCallback: no validation metrics to log as {prefix}/ (no val data, "
                             f"limit_val_batches=0 or nothing logged in validation_step)")
             return {}
-        out = {f"{prefix}/{k}": v for k, v in metrics.items()}
-        self.metrics.update(out)
-        _log_metrics(trainer, out, step=trainer.global_step)
-        return out
+        return self._log(trainer, {f"{prefix}/{k}": v for k, v in metrics.items()})
+
+    def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> dict[str, float]:
+        self.metrics.update(metrics)
+        _log_metrics(trainer, metrics, step=trainer.global_step)
+        return metrics
 
     def _recalibrate_bn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         def batches() -> Iterable:  # the train loader is only set up when there is a BatchNorm
@@ -313,9 +322,7 @@ class DSFPruneCallback(Callback):
     def _log_report(self, trainer: pl.Trainer, report: PruneReport, model: str) -> None:
         # "layers"/"skipped" are counts; renamed so they do not collide with the "dsf/layers" table
         renamed = {"layers": "layers_pruned", "skipped": "layers_skipped"}
-        totals = {f"dsf/{renamed.get(k, k)}": float(v) for k, v in report.totals().items()}
-        self.metrics.update(totals)
-        _log_metrics(trainer, totals, step=trainer.global_step)
+        totals = self._log(trainer, {f"dsf/{renamed.get(k, k)}": float(v) for k, v in report.totals().items()})
         rank_zero_info(f"DSFPruneCallback: pruned {len(report.layers)} layers with {self.config.method!r} at density "
                        f"{self.config.density} in {report.seconds:.1f}s; mean error vs magnitude "
                        f"{totals['dsf/mean_error_vs_magnitude']:.3f}")
@@ -333,13 +340,6 @@ class DSFPruneCallback(Callback):
                                 for k in ("achieved_density", "first_density", "second_density", "relative_error",
                                           "error_vs_magnitude", "seconds") if row.get(k) is not None},
                                step=trainer.global_step)
-
-
-def _is_sharded(loader: Any) -> bool:
-    sampler = getattr(loader, "sampler", None)
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    return isinstance(sampler, DistributedSampler) or isinstance(getattr(batch_sampler, "sampler", None),
-                                                                 DistributedSampler)
 
 
 @rank_zero_only

@@ -46,6 +46,7 @@ from dsf_lightning.structure import (
     apply_structure_spec,
     load_pruned,
     merge,
+    nonzeros_outside_masks,
     replace_module,
     save_pruned,
     structure_spec,
@@ -53,7 +54,8 @@ from dsf_lightning.structure import (
 from dsf_lightning.targets import find_targets
 
 #: Names that need Lightning, imported on first access.
-_LAZY = {"DSFPruneCallback": "dsf_lightning.callbacks", "load_pruned_checkpoint": "dsf_lightning.callbacks"}
+_LAZY = {"DSFPruneCallback": "dsf_lightning.callbacks", "FiniteLossGuard": "dsf_lightning.callbacks",
+         "load_pruned_checkpoint": "dsf_lightning.callbacks"}
 
 
 def __getattr__(name: str) -> Any:
@@ -69,6 +71,7 @@ __all__ = [
     "DSFLinear",
     "DSFPruneCallback",
     "Factorization",
+    "FiniteLossGuard",
     "GramAccumulator",
     "InputGramRecorder",
     "LayerRecord",
@@ -90,6 +93,7 @@ __all__ = [
     "load_pruned_checkpoint",
     "merge",
     "merged_state_dict",
+    "nonzeros_outside_masks",
     "plan_prune",
     "prune",
     "pruned_module",

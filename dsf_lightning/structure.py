@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dsf_lightning.files import read_torch_file, save_torch_file
 from dsf_lightning.layers import dense_signature, layer_kind, pair
 from dsf_lightning.modules import PRUNED_MODULE_TYPES, ConvGeometry, MaskedLayer, is_pruned_module
 
@@ -36,6 +37,7 @@ __all__ = [
     "check_state_dict",
     "load_pruned",
     "merge",
+    "nonzeros_outside_masks",
     "pruned_modules",
     "replace_module",
     "save_pruned",
@@ -57,6 +59,13 @@ _CLASSES: dict[str, type[MaskedLayer]] = {cls.__name__: cls for cls in PRUNED_MO
 def pruned_modules(model: nn.Module) -> list[tuple[str, MaskedLayer]]:
     """``(name, module)`` of every pruned layer of ``model``, in module order."""
     return [(n, m) for n, m in model.named_modules() if is_pruned_module(m)]
+
+
+@torch.no_grad()
+def nonzeros_outside_masks(model: nn.Module) -> int:
+    """Entries of the pruned modules' masked parameters that are nonzero where their mask is off: 0 while the
+    pruned pattern holds (a count over the tensors, for runs to prove their masks after fine-tuning)."""
+    return sum(int(((p != 0) & ~m).sum()) for _, layer in pruned_modules(model) for p, m in layer.masked_parameters())
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -203,8 +212,9 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> None:
 
 
 def save_pruned(model: nn.Module, path: str | os.PathLike) -> None:
-    """``torch.save({"state_dict": model.state_dict(), "dsf_structure": structure_spec(model)}, path)``."""
-    torch.save({"state_dict": model.state_dict(), CHECKPOINT_KEY: structure_spec(model)}, path)
+    """``torch.save({"state_dict": model.state_dict(), "dsf_structure": structure_spec(model)}, path)``, atomically
+    (a failed or interrupted save leaves the previous file at ``path``)."""
+    save_torch_file({"state_dict": model.state_dict(), CHECKPOINT_KEY: structure_spec(model)}, path)
 
 
 def load_pruned(model: nn.Module, source: str | os.PathLike | Mapping[str, Any],
@@ -217,10 +227,11 @@ def load_pruned(model: nn.Module, source: str | os.PathLike | Mapping[str, Any],
         spec: the structure spec; default: the checkpoint's ``"dsf_structure"``.
 
     The structure is applied (:func:`apply_structure_spec`), then the state dict is loaded strictly.
-    Any mismatch raises ``ValueError`` naming the layer(s)/keys and leaves ``model`` as it was.
+    Any mismatch raises ``ValueError`` naming the layer(s)/keys and leaves ``model`` as it was; so does a
+    truncated or corrupted file (:func:`~dsf_lightning.files.read_torch_file`, naming the file).
     """
     if isinstance(source, (str, os.PathLike)):
-        source = torch.load(source, map_location="cpu", weights_only=True)
+        source = read_torch_file(source, "save_pruned file")
     if not isinstance(source, Mapping):
         raise ValueError(f"load_pruned expects a path or a mapping, got {type(source).__name__}")
     if "state_dict" in source and CHECKPOINT_KEY in source:

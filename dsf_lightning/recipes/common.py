@@ -7,7 +7,6 @@ parsing and ``prepare`` as ``prog: error: ...`` (exit status 2) and leaves those
 
 from __future__ import annotations
 
-import json
 import netrc
 import os
 import sys
@@ -22,7 +21,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from dsf_lightning import __version__
-from dsf_lightning.callbacks import DSFPruneCallback
+from dsf_lightning.callbacks import DSFPruneCallback, FiniteLossGuard
+from dsf_lightning.files import read_torch_file, save_torch_file, write_json, write_text
 from dsf_lightning.recipes.cli import ConfigParser
 from dsf_lightning.recipes.sections import RecipeConfig
 from dsf_lightning.runs import method_label, run_identity, run_name
@@ -80,9 +80,11 @@ def make_wandb_logger(config: RecipeConfig, *, task: str, group: str, job_type: 
     ``run`` identity, or ``name``), tags model / method / ``density=`` / ``allocation=`` (and the method
     label of a variant with options), and as the run
     config the full recipe config plus ``identity`` and ``version``. ``auto``: offline unless W&B
-    credentials exist (or ``WANDB_MODE=offline`` is set)."""
+    credentials exist (or ``WANDB_MODE=offline`` is set); no run at all with ``WANDB_MODE=disabled``."""
     log = config.logging
     if log.wandb == "off" or config.run.fast_dev_run:
+        return None
+    if log.wandb == "auto" and os.environ.get("WANDB_MODE") == "disabled":  # the user's explicit environment
         return None
     from lightning.pytorch.loggers import WandbLogger
 
@@ -128,7 +130,7 @@ def make_trainer(config: RecipeConfig, *, max_epochs: int, callbacks: Sequence[C
     strategy = run.strategy or ("ddp" if multi else "auto")
     precision = run.precision or ("16-mixed" if torch.cuda.is_available() else "32")
     checkpoints = checkpoint_dir is not None and not run.fast_dev_run
-    cbs = list(callbacks)
+    cbs = [*callbacks, FiniteLossGuard()]
     if checkpoints:
         cbs.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="{epoch}-{val_acc:.4f}", monitor="val_acc",
                                    mode="max", save_top_k=1, save_last=True))
@@ -157,12 +159,7 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike, what: str = "--
         ValueError: unreadable, or keys/shapes that do not fit the model (named in the message).
     """
     path = str(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: no such file {path!r}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- any unreadable file is a bad input
-        raise ValueError(f"{what}: could not read {path!r} as a PyTorch state dict ({type(e).__name__}: {e})") from e
+    obj = read_torch_file(path, what)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     elif isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
@@ -235,8 +232,7 @@ def train_dense(config: RecipeConfig, module: pl.LightningModule, datamodule: pl
     finally:
         finish_wandb(logger)
     if save_to and trainer.is_global_zero and not config.run.fast_dev_run:
-        os.makedirs(os.path.dirname(os.path.abspath(save_to)), exist_ok=True)
-        torch.save(module.backbone.state_dict(), save_to)
+        save_torch_file(module.backbone.state_dict(), save_to)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
 
 
@@ -268,18 +264,14 @@ def write_config(config: RecipeConfig, output_dir: str) -> None:
     """``output_dir/config.yaml``: the resolved run config, loadable with ``--config`` (rank zero)."""
     import yaml
 
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+    write_text(os.path.join(output_dir, "config.yaml"), yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def write_results(trainer: pl.Trainer, output_dir: str, result: Mapping[str, Any]) -> None:
     """``output_dir/results.json`` (global rank zero)."""
     if not trainer.is_global_zero:
         return
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(result, f, indent=2, default=str)
+    write_json(os.path.join(output_dir, "results.json"), result)
 
 
 def summary(name: str, metrics: Mapping[str, float]) -> str:

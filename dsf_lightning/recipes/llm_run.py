@@ -22,7 +22,6 @@ rank, and the exports would need a gathered state dict; the recipe refuses other
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import platform
 import resource
@@ -37,9 +36,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from dsf_lightning import __version__
+from dsf_lightning.callbacks import FiniteLossGuard
 from dsf_lightning.data.text import TextDataModule, TextSource
 from dsf_lightning.distributed import distributed_executor, world
 from dsf_lightning.export import save_packed
+from dsf_lightning.files import atomic_folder, write_json
 from dsf_lightning.models.causal_lm import PACKED_FILE, CausalLM, set_activation_checkpointing
 from dsf_lightning.perplexity import perplexity
 from dsf_lightning.pruning import prune
@@ -47,7 +48,7 @@ from dsf_lightning.recipes.common import finish_wandb, identity, make_wandb_logg
 from dsf_lightning.report import PruneReport
 from dsf_lightning.runs import run_name
 from dsf_lightning.sequential import decoder_blocks
-from dsf_lightning.structure import merge
+from dsf_lightning.structure import merge, nonzeros_outside_masks
 
 __all__ = ["STRATEGIES", "LlamaPrepared", "execute_llama", "export_pruned", "launch", "protocol_record", "versions"]
 
@@ -195,7 +196,7 @@ def _finetune(prepared: LlamaPrepared, model: nn.Module, logger: Any, progress: 
         precision=_precision(run), max_steps=ft.steps, max_epochs=-1,
         accumulate_grad_batches=ft.accumulate_grad_batches,
         gradient_clip_val=ft.gradient_clip_val, logger=logger if logger is not None else False,
-        callbacks=[LearningRateMonitor(logging_interval="step")] if logger is not None else [],
+        callbacks=[FiniteLossGuard(), *([LearningRateMonitor(logging_interval="step")] if logger is not None else [])],
         enable_checkpointing=False, num_sanity_val_steps=0, val_check_interval=ft.val_every,
         check_val_every_n_epoch=None if ft.val_every else 1, limit_val_batches=None if ft.val_every else 0,
         log_every_n_steps=max(1, min(10, ft.steps)), enable_progress_bar=progress, enable_model_summary=False,
@@ -210,20 +211,23 @@ def _finetune(prepared: LlamaPrepared, model: nn.Module, logger: Any, progress: 
 def export_pruned(model: nn.Module, tokenizer: Any, output_dir: str, packed: bool = True, merged: bool = True
                   ) -> dict[str, Any]:
     """``output_dir/packed/`` (``save_packed`` + config + tokenizer) and ``output_dir/merged/`` (``merge`` in
-    place, then ``save_pretrained`` + tokenizer); returns the folders and the packed file's size."""
+    place, then ``save_pretrained`` + tokenizer); returns the folders and the packed file's size. Each folder
+    is written whole or not at all (:func:`~dsf_lightning.files.atomic_folder`): an export that fails or is
+    killed midway leaves the previous export in that folder complete."""
     out: dict[str, Any] = {}
     if packed:
         folder = os.path.join(output_dir, "packed")
-        os.makedirs(folder, exist_ok=True)
-        out["packed_bytes"] = save_packed(model, os.path.join(folder, PACKED_FILE))
-        model.config.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        with atomic_folder(folder) as tmp:
+            out["packed_bytes"] = save_packed(model, tmp / PACKED_FILE)
+            model.config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         out["packed"] = folder
     if merged:
         folder = os.path.join(output_dir, "merged")
         merge(model)
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        with atomic_folder(folder) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         out["merged"] = folder
     return out
 
@@ -278,17 +282,19 @@ def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
         else:  # no fine-tuning: the model after zero steps is the pruned one
             ppl["post_finetune"] = dict(ppl["pre_finetune"])
         _log(logger, {f"post_finetune/ppl/{n}": v for n, v in ppl["post_finetune"].items()}, steps)
+        outside = nonzeros_outside_masks(model)  # the masks proved on the tensors; 0 unless something broke them
         wandb_summary(logger, {**{f"{stage}/ppl/{n}": v for stage, vals in ppl.items() for n, v in vals.items()},
-                               **seconds, "nnz": report.nnz, "dense_numel": report.dense_numel})
+                               **seconds, "nnz": report.nnz, "dense_numel": report.dense_numel,
+                               "nonzeros_outside_masks": outside})
         result: dict[str, Any] = {"identity": who, "version": __version__, "perplexity": ppl, **seconds,
                                   "prune_peak_memory": memory, "finetune_steps": steps, "world_size": size,
+                                  "nonzeros_outside_masks": outside,
                                   "protocol": prepared.protocol, "prune": report.totals(), "layers": report.to_rows(),
                                   "config": config.to_dict()}
         if rank == 0:
             result["exports"] = export_pruned(model, prepared.tokenizer, out, config.export.packed,
                                               config.export.merged)
-            with open(os.path.join(out, "results.json"), "w") as f:
-                json.dump(result, f, indent=2, default=str)
+            write_json(os.path.join(out, "results.json"), result)
             print(summary(run_name(who), ppl, seconds,
                           config.data.seq_len))
     finally:
