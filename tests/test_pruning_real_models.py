@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from numerics import assert_rel_close  # tests/ is on sys.path
 
 from dsf_lightning.modules import DSFConv2d, DSFLinear, SparseConv2d
 from dsf_lightning.pruning import prune
@@ -55,7 +56,8 @@ def test_smollm2_block_prune_round_trip_and_merge(smollm2, wiki_token_batches, t
         logits = pruned(input_ids=ids).logits
         assert torch.equal(logits, fresh(input_ids=ids).logits)
         merge(fresh)
-        assert torch.allclose(logits, fresh(input_ids=ids).logits, atol=1e-4)
+        # S @ F formed once vs x F^T S^T: fp32 rounding through 30 blocks of (576 + 576 + 1536)-term dots
+        assert_rel_close(fresh(input_ids=ids).logits, logits, depth=30 * (576 + 576 + 1536), dtype=torch.float32)
         # one block at 50% barely moves the model: next-token loss within 10% of dense
         dense = model(input_ids=ids, labels=ids).loss
         assert pruned(input_ids=ids, labels=ids).loss < 1.1 * dense
