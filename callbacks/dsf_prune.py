@@ -8,12 +8,12 @@ between two hooks (why, and Lightning's hook order: docs/ARCHITECTURE.md):
 
 * ``setup(stage="fit")``: checks the config against the model and swaps every target for its pruned
   module holding the dense weight exactly (:func:`~dsf_lightning.pruning.build_structure`): the model
-  computes the same function, and the restore, DDP and the optimizers all see the final parameters.
+  computes the same function, and the restore and the optimizers see the final parameter objects.
 * ``on_fit_start``: on a fresh run, evaluates the dense model (``dense/``), records calibration Grams,
-  factorizes (split across ranks under DDP) and fills the pruned modules in place, then evaluates
-  (``pre_finetune/``) and optionally recalibrates BatchNorm (``bn_recalibrated/``). When Lightning
-  restored a checkpoint of a pruned run (``fit(ckpt_path=...)``), it loaded the pruned weights into that
-  structure: nothing is factorized again.
+  factorizes (split across ranks under DDP), fills the pruned modules in place (compressed values take
+  their nonzero count; DDP is wrapped again), evaluates (``pre_finetune/``), optionally recalibrates
+  BatchNorm (``bn_recalibrated/``). After Lightning restored a pruned run's checkpoint, nothing is
+  factorized again.
 * ``on_train_end``: proves the masks (``dsf/nonzeros_outside_masks``: 0) and evaluates (``post_finetune/``).
 * ``on_save_checkpoint``: stores the structure spec in ``checkpoint["dsf_structure"]`` for inference
   loading (:func:`~dsf_lightning.callbacks.checkpoint.load_pruned_checkpoint`).
@@ -41,6 +41,7 @@ from typing_extensions import override
 
 from dsf_lightning.callbacks.batchnorm import recalibrate_batchnorm
 from dsf_lightning.callbacks.evaluation import evaluate_module
+from dsf_lightning.callbacks.strategies import check_resizable, rewrap_ddp
 from dsf_lightning.config import PruneConfig, check_count
 from dsf_lightning.distributed import all_reduce_grams, distributed_executor, is_sharded, world
 from dsf_lightning.jobs import solve_serially
@@ -74,7 +75,7 @@ class DSFPruneCallback(Callback):
         method: ``"dsf"``, ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` (need calibration), ``"admm"``, ``"svd"``.
         config: a :class:`~dsf_lightning.config.PruneConfig` describing the whole prune.
         calibration_batches, include, exclude, family, densities, factorization_options, seed,
-            forward_mode, balance_norms: the :class:`~dsf_lightning.config.PruneConfig` fields.
+            forward_mode, balance_norms, storage: the :class:`~dsf_lightning.config.PruneConfig` fields.
             ``calibration_batches`` counts batches per rank under DDP.
         calibration_loader: where calibration batches come from; default: the trainer's train
             dataloader. Under DDP a loader without a ``DistributedSampler`` is sharded by batch index.
@@ -91,21 +92,10 @@ class DSFPruneCallback(Callback):
         progress: progress bar over layers (rank zero only).
     """
 
-    def __init__(
-        self,
-        density: float | None = None,
-        method: str = "dsf",
-        *,
-        config: PruneConfig | None = None,
-        calibration_loader: Iterable | None = None,
-        calibration_forward: Forward | None = None,
-        bn_recalibration_batches: int = 0,
-        evaluate: bool = True,
-        log_dense: bool = False,
-        log_layer_scalars: bool = False,
-        progress: bool = True,
-        **prune_fields: Any,
-    ) -> None:
+    def __init__(self, density: float | None = None, method: str = "dsf", *, config: PruneConfig | None = None,
+                 calibration_loader: Iterable | None = None, calibration_forward: Forward | None = None,
+                 bn_recalibration_batches: int = 0, evaluate: bool = True, log_dense: bool = False,
+                 log_layer_scalars: bool = False, progress: bool = True, **prune_fields: Any) -> None:
         super().__init__()
         if config is None:
             if density is None:
@@ -145,6 +135,8 @@ class DSFPruneCallback(Callback):
         """``stage="fit"``: check the config against the model and put the pruned structure in place."""
         if stage != "fit" or (self._plan is not None and structure_spec(pl_module)["modules"]):
             return  # not fitting, or this module was already pruned by this callback (fit called again)
+        if self.config.storage == "compressed":
+            check_resizable(trainer.strategy, "DSFPruneCallback")
         plan = plan_prune(pl_module, self.config)
         unsupported = {n: r for n, r in plan.skipped.items() if "not a supported layer type" in r}
         if unsupported:
@@ -247,6 +239,8 @@ class DSFPruneCallback(Callback):
                 with all_or_nothing(pl_module) as undo:
                     report.layers = install(pl_module, plan, results, undo)
         self._pruned = True
+        if cfg.storage == "compressed":
+            rewrap_ddp(trainer)
         report.seconds = time.perf_counter() - start
         self.owned_layers = [r.name for r in report.layers if r.rank in (None, rank)]
         self.factorization_runs += 1
@@ -289,9 +283,10 @@ class DSFPruneCallback(Callback):
             if theirs and theirs != mine:
                 raise ValueError(
                     f"layer {name!r}: the checkpoint holds {theirs} but DSFPruneCallback(method="
-                    f"{self.config.method!r}) built {type(layer).__name__} {mine} before the restore. Resume with "
-                    f"the method and targets of the run that saved it; to prune a dense checkpoint, load its "
-                    f"weights into the module and call fit without ckpt_path")
+                    f"{self.config.method!r}, storage={self.config.storage!r}) built {type(layer).__name__} {mine} "
+                    f"before the restore. Resume with the method, storage and targets of the run that saved it (its "
+                    f"optimizer state is of those parameters); to prune a dense checkpoint, load its weights into "
+                    f"the module and call fit without ckpt_path")
 
     def _remove_restore_check(self) -> None:
         if self._restore_check is not None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from dsf_lightning.allocation import Allocation, check_allocation_options
 from dsf_lightning.factorization import PRESETS, check_density, get_method
-from dsf_lightning.modules import FORWARD_MODES, ForwardMode
+from dsf_lightning.modules import FORWARD_MODES, ForwardMode, Storage, check_storage
 from dsf_lightning.targets import FAMILIES, Family, as_patterns
 
 __all__ = ["PruneConfig", "check_count"]
@@ -55,6 +55,9 @@ class PruneConfig:
             of the dense model. Needs calibration data.
         forward_mode: of the DSF modules: ``"auto"``, ``"fused"`` or ``"sequential"``.
         balance_norms: balance the two factors' norms per rank channel after pruning (paper 4.4).
+        storage: how the pruned modules hold their factors (:mod:`~dsf_lightning.modules.storage`):
+            ``"masked"`` (full-size parameters times bool masks) or ``"compressed"`` (the nonzeros as
+            the parameters, the masks as bits: training state scales with the nonzeros).
         seed: seeds the RNG while calibrating and factorizing, and is DSF's ``seed`` option (of the
             fixed mask) unless ``factorization_options`` sets it.
     """
@@ -72,6 +75,7 @@ class PruneConfig:
     sequential: bool = False
     forward_mode: ForwardMode = "auto"
     balance_norms: bool = True
+    storage: Storage = "compressed"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -99,6 +103,7 @@ class PruneConfig:
             raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {self.forward_mode!r}")
         if not isinstance(self.balance_norms, bool):
             raise ValueError(f"balance_norms must be a bool, got {self.balance_norms!r}")
+        check_storage(self.storage)
         check_count(self.seed, "seed")
 
     @property

@@ -7,7 +7,8 @@ Three exits from a pruned model (one holding :mod:`dsf_lightning.modules` layers
   ``strict=True`` into a fresh instance of the original dense architecture.
 * :func:`save_packed` / :func:`load_packed` -- the storage format of the paper (section 4.4,
   appendices A.4/A.5): per masked tensor only its nonzero values (in 16-bit floats) and its mask
-  as a bit vector, in one ``safetensors`` file whose metadata holds the pruned structure as JSON.
+  as a bit vector, in one ``safetensors`` file whose metadata holds the pruned structure as JSON
+  (the layout of the compressed storage, :mod:`~dsf_lightning.modules.storage`, in a file).
 * :func:`to_csr` -- swaps :class:`~dsf_lightning.modules.DSFLinear` /
   :class:`~dsf_lightning.modules.SparseLinear` for inference modules holding ``torch.sparse_csr``
   matrices (:class:`CSRDSFLinear` with two, :class:`CSRLinear` with one), the setting of the
@@ -18,7 +19,7 @@ Packed file layout (``format = "dsf-packed"``, ``version = "3"`` in the metadata
 * ``<name>.<param>.values``: ``param[mask]`` (row-major mask order) in the chosen ``dtype``, for
   every masked parameter (``first``/``second`` of DSF layers, ``weight`` of Sparse layers);
 * ``<name>.<param>.mask``: ``uint8`` bits of the mask, 8 per byte, most significant bit first
-  (``numpy.packbits`` order), zero padded at the end (:func:`pack_bits`);
+  (``numpy.packbits`` order), zero padded at the end (:func:`~dsf_lightning.modules.storage.pack_bits`);
 * every other entry of ``model.state_dict()`` (biases, BatchNorm parameters and running
   statistics, embeddings, unpruned layers) under its own key. Floating tensors are stored in the
   chosen ``dtype`` too -- the whole checkpoint is a 16-bit model, as in the paper's size
@@ -33,14 +34,14 @@ Packed file layout (``format = "dsf-packed"``, ``version = "3"`` in the metadata
 
 Loading casts every value to the dtype of the receiving model, so the round trip is bit-exact
 when the model's values are representable in the stored dtype and equals rounding otherwise.
-Mask buffers are not stored as tensors: they are the unpacked bits.
+Mask buffers are not stored as tensors: they are the unpacked bits. Either storage exports and loads
+(the structure spec says which one the loaded modules take).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,7 +53,8 @@ from safetensors.torch import save as st_save_bytes
 from torch import Tensor, nn
 
 from dsf_lightning.files import atomic_path
-from dsf_lightning.modules import DSFLinear, MaskedLayer, SparseLinear
+from dsf_lightning.modules import DSFLinear, SparseLinear
+from dsf_lightning.modules.storage import pack_bits, scatter_values, unpack_bits
 from dsf_lightning.structure import pruned_modules, replace_module, structure_applied, structure_spec
 
 __all__ = [
@@ -74,47 +76,13 @@ __all__ = [
 PACKED_FORMAT = "dsf-packed"
 PACKED_VERSION = "3"
 _UNVERIFIED_VERSIONS = ("2",)  # written before the digest: loaded without it
-_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
-
-
-# --------------------------------------------------------------------------------------------- bits
-
-def pack_bits(mask: Tensor) -> Tensor:
-    """Bool ``mask`` (any shape) -> 1-D ``uint8`` of ``ceil(numel / 8)`` bytes.
-
-    Row-major order, 8 entries per byte, most significant bit first (as ``numpy.packbits``); the
-    last byte is zero padded. Inverse: :func:`unpack_bits` with the mask's shape.
-    """
-    flat = mask.detach().reshape(-1).to(device="cpu", dtype=torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8)
-    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bits(bits: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
-    """``uint8`` ``bits`` from :func:`pack_bits` -> bool mask of ``shape`` (on ``bits``' device)."""
-    shape = tuple(int(s) for s in shape)
-    n = math.prod(shape)
-    if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != (n + 7) // 8:
-        raise ValueError(f"unpack_bits: expected a 1-D uint8 tensor of {(n + 7) // 8} bytes for shape {shape}, "
-                         f"got {bits.dtype} of shape {tuple(bits.shape)}")
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
-    flat = ((bits.unsqueeze(1) >> shifts) & 1).reshape(-1)[:n]
-    return flat.to(torch.bool).reshape(shape)
 
 
 # ------------------------------------------------------------------------------------ model helpers
 
-def _masked_names(m: MaskedLayer) -> list[str]:
-    """Attribute names of ``m``'s masked parameters, in :meth:`masked_parameters` order."""
-    names = {id(p): n for n, p in m.named_parameters(recurse=False)}
-    return [names[id(p)] for p, _ in m.masked_parameters()]
-
-
-def _mask_buffer_name(param_name: str) -> str:
-    return f"{param_name}_mask"
+def _factor_keys(factor: str) -> tuple[str, ...]:
+    """The state-dict keys of a factor in either storage (relative to its module)."""
+    return factor, f"{factor}_mask", f"{factor}_values", f"{factor}_bits"
 
 
 def _prefix(name: str) -> str:
@@ -173,11 +141,12 @@ def pack_model(model: nn.Module, dtype: torch.dtype | None = torch.float16
     tensors: dict[str, Tensor] = {}
     for name, m in pruned_modules(model):
         p = _prefix(name)
-        for pname, (param, mask) in zip(_masked_names(m), m.masked_parameters()):
-            tensors[f"{p}{pname}.values"] = cast(param.detach()[mask]).cpu().contiguous()
-            tensors[f"{p}{pname}.mask"] = pack_bits(mask)
-            state.pop(p + pname, None)
-            state.pop(p + _mask_buffer_name(pname), None)
+        for pname in m.factor_names:
+            mask = m.factor_mask(pname)
+            tensors[f"{p}{pname}.values"] = cast(m.factor(pname).detach()[mask]).cpu().contiguous()
+            tensors[f"{p}{pname}.mask"] = pack_bits(mask).cpu()
+            for k in _factor_keys(pname):
+                state.pop(p + k, None)
     for k, v in state.items():
         tensors[k] = cast(v.detach()).cpu().contiguous()
     # safetensors refuses tensors sharing storage (tied weights); copies are fine for a file.
@@ -265,19 +234,16 @@ def load_packed(model: nn.Module, path: str | Path) -> nn.Module:
         for e in spec["modules"]:
             name = e["name"]
             m, p = model.get_submodule(name), _prefix(name)
-            for pname, (param, mask_buf) in zip(_masked_names(m), m.masked_parameters()):
+            for pname in m.factor_names:
                 bits, values = tensors.pop(f"{p}{pname}.mask", None), tensors.pop(f"{p}{pname}.values", None)
                 if bits is None or values is None:
                     raise ValueError(f"load_packed: layer {name!r} has no stored values/mask for {pname}")
-                mask = unpack_bits(bits, param.shape)
+                mask = unpack_bits(bits, m.factor_shape(pname))
                 if values.numel() != int(mask.sum()):
                     raise ValueError(f"load_packed: layer {name!r} parameter {pname}: {values.numel()} values for "
                                      f"{int(mask.sum())} mask bits")
-                mask = mask.to(mask_buf.device)
-                param.zero_()
-                param[mask] = values.to(device=param.device, dtype=param.dtype)
-                mask_buf.copy_(mask)
-                expected -= {p + pname, p + _mask_buffer_name(pname)}
+                m.set_factor_(pname, scatter_values(values, mask), mask)
+                expected -= {p + k for k in _factor_keys(pname)}
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         if missing or unexpected:
             raise ValueError(f"load_packed: state mismatch: missing {missing[:10]}, unexpected {unexpected[:10]}")
@@ -336,7 +302,7 @@ class CSRLinear(_CSRBase):
 
     @classmethod
     def from_module(cls, m: SparseLinear) -> CSRLinear:
-        return cls(_to_csr(m.weight * m.weight_mask), m.bias)
+        return cls(_to_csr(m.factor("weight")), m.bias)
 
     def _matrices(self) -> list[Tensor]:
         return [self.weight]
@@ -361,7 +327,7 @@ class CSRDSFLinear(_CSRBase):
 
     @classmethod
     def from_module(cls, m: DSFLinear) -> CSRDSFLinear:
-        return cls(_to_csr(m.first * m.first_mask), _to_csr(m.second * m.second_mask), m.bias)
+        return cls(_to_csr(m.factor("first")), _to_csr(m.factor("second")), m.bias)
 
     def _matrices(self) -> list[Tensor]:
         return [self.first, self.second]

@@ -171,7 +171,8 @@ def build_structure(model: nn.Module, plan: PrunePlan) -> PrunePlan:
     """
     targets = {}
     for name, layer in plan.targets.items():
-        new = pruned_module(layer, plan.config.two_factor, forward_mode=plan.config.forward_mode)
+        new = pruned_module(layer, plan.config.two_factor, forward_mode=plan.config.forward_mode,
+                            storage=plan.config.storage)
         replace_module(model, name, new)
         targets[name] = new
     return dataclasses.replace(plan, targets=targets)
@@ -319,7 +320,7 @@ def install(model: nn.Module, plan: PrunePlan, results: Mapping[str, LayerResult
         if isinstance(layer, MaskedLayer):
             new = layer.load_factorization_(fact)
         else:
-            new = pruned_module(layer, cfg.two_factor, fact, forward_mode=cfg.forward_mode)
+            new = pruned_module(layer, cfg.two_factor, fact, forward_mode=cfg.forward_mode, storage=cfg.storage)
             replace_module(model, name, new)
             if undo is not None:  # out of the model now: off the accelerator until the prune is done
                 layer.to(undo.store)

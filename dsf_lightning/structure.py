@@ -199,12 +199,19 @@ def apply_structure_spec(model: nn.Module, spec: Mapping[str, Any]) -> nn.Module
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> None:
     """Strict key and shape check with an error naming the layers, before ``load_state_dict`` (which
-    would copy the matching tensors before raising)."""
+    would copy the matching tensors before raising). Pruned factors may be in either storage; a compressed
+    factor's values take the checkpoint's count of nonzeros."""
+    state_dict = dict(state_dict)
+    resized = set()
+    for name, m in pruned_modules(model):
+        m.state_to_storage_(state_dict, f"{name}." if name else "")
+        if m.storage == "compressed":
+            resized |= {f"{name}.{f}_values" if name else f"{f}_values" for f in m.factor_names}
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state_dict.items()
-              if k in own and isinstance(v, Tensor) and v.shape != own[k].shape]
+              if k in own and k not in resized and isinstance(v, Tensor) and v.shape != own[k].shape]
     if missing or unexpected or shapes:
         parts = [f"{label} ({len(xs)}): {xs[:5]}" for label, xs in
                  (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if xs]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -32,3 +34,37 @@ def assert_rel_close(got: torch.Tensor, want: torch.Tensor, *, depth: int, dtype
     err, bound = relative_error(got, want), rel_bound(dtype, depth, computations)
     assert got.shape == want.shape, f"shapes {tuple(got.shape)} vs {tuple(want.shape)}"
     assert err <= bound, f"relative error {err:.3e} > bound {bound:.3e} ({dtype}, depth {depth}, x{computations})"
+
+
+def block_depth(hidden: int, intermediate: int) -> int:
+    """Depth of one decoder block: the attention's q/k/v and output dots over ``hidden``, the MLP's over
+    ``hidden`` then ``intermediate``."""
+    return 2 * hidden + hidden + intermediate
+
+
+def perplexity_rel_bound(dtype: torch.dtype, depth: int, logit_scale: float, computations: int = 2) -> float:
+    """Relative bound between two perplexities whose logits agree to ``rel_bound(dtype, depth)``.
+
+    A token's NLL ``logsumexp(z) - z_y`` moves by at most ``2 max|dz|``; each logit's rounding is taken as at
+    most ``r * logit_scale`` (``logit_scale = max|z|``), so ``exp(mean NLL)`` moves by a factor of at most
+    ``exp(2 r logit_scale)``.
+    """
+    return math.expm1(2 * logit_scale * rel_bound(dtype, depth, computations))
+
+
+def network_depth(model: torch.nn.Module) -> int:
+    """Depth of a whole network, taken as every weight layer in one chain (the worst case): the sum of each
+    layer's dot length, ``fan_in`` (plus ``rank`` for a factored layer, whose ``x F^T S^T`` chains both)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from dsf_lightning.modules import is_pruned_module
+
+    depth = 0
+    for m in model.modules():
+        if is_pruned_module(m):
+            depth += m.merged_weight().flatten(1).shape[1] + getattr(m, "rank", 0)
+        elif isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            depth += m.weight[0].numel()
+        elif isinstance(m, Conv1D):
+            depth += m.weight.shape[0]
+    return depth

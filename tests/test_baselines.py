@@ -8,9 +8,11 @@ import math
 
 import pytest
 import torch
+from numerics import assert_rel_close, rel_bound, relative_error  # tests/ is on sys.path
 
 from dsf_lightning.config import PruneConfig
 from dsf_lightning.factorization import METHODS, factorize, get_method, nnz_budget, reconstruction_error, row_budget
+from dsf_lightning.factorization.baselines import ADMM_ITERS
 
 D64 = torch.float64
 
@@ -90,7 +92,8 @@ def test_sparsegpt_is_the_reference_update(blocksize):
     ours = factorize("sparsegpt", w, 0.33, g, blocksize=blocksize)
     ref = reference_sparsegpt(w, 2 * g, 0.67, blocksize)
     assert torch.equal(ours.first_mask, ref != 0)
-    torch.testing.assert_close(ours.first, ref, rtol=1e-12, atol=1e-12)
+    # float64, other operation orders: a 20-column Cholesky and 20 chained column updates of 20-term dots
+    assert_rel_close(ours.first, ref, depth=20 * 20 + 20)
 
 
 def test_sparsegpt_keeps_one_weight_more_per_block_where_the_reference_prunes_the_threshold_too():
@@ -106,7 +109,10 @@ def test_admm_is_the_reference_with_its_defaults():
     ours = factorize("admm", w, 0.25, g)
     ref = reference_admm(w, 96 * g, 0.75)  # the reference sums X^T X: the scale cancels
     assert torch.equal(ours.first_mask, ref != 0)
-    torch.testing.assert_close(ours.first, ref, rtol=1e-9, atol=1e-10)
+    # float64, other operation orders through ADMM's iterations, each a 24-term solve and a projection; a
+    # solve turns rounding (backward error) into forward error times cond(G)
+    cond = float(torch.linalg.cond(g))
+    assert relative_error(ours.first, ref) <= cond * rel_bound(D64, ADMM_ITERS * 3 * 24)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +159,7 @@ def test_admm_converges_and_keeps_the_count():
     for i in range(w.shape[0]):
         keep = mask[i]
         exact = torch.linalg.solve(g[keep][:, keep], g[keep] @ w[i])
-        torch.testing.assert_close(runs[1000].first[i, keep], exact, rtol=1e-6, atol=1e-8)
+        assert relative_error(runs[1000].first[i, keep], exact) < 1e-6  # convergence after 1000 steps
     # the reference's damping (0.1) trades calibration error for staying near the dense weights
     damped = factorize("admm", w, 0.4, g, iters=200).error
     assert errors[-1] < damped < factorize("wanda", w, 0.4, g).error
@@ -163,7 +169,7 @@ def test_admm_without_a_gram_is_the_projection():
     w = torch.randn(16, 32, generator=torch.Generator().manual_seed(6))
     res = factorize("admm", w, 0.25)
     assert res.nnz == nnz_budget(0.25, w.numel())
-    assert math.isclose(res.error, reconstruction_error(w, res.product), rel_tol=1e-6)
+    assert res.error == reconstruction_error(w, res.product)  # the same elementwise operations
     assert res.error <= factorize("magnitude", w, 0.25).error * 1.01  # W * mask is the optimum on a mask
 
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from numerics import assert_rel_close, rel_bound, relative_error  # noqa: E402  (tests/ is on sys.path)
 
 from dsf_lightning import double_sparse_factorize, factorize, reconstruction_error
 from dsf_lightning.factorization import (
@@ -22,6 +23,10 @@ from dsf_lightning.factorization import (
 )
 
 D64 = torch.float64
+# Convergence, not rounding: ADMM's iterates approach the masked optimum linearly, so after the iterations the
+# tests run the normwise error to it is below these (measured ~1e-9 and ~1e-7; float64 rounding is ~1e-14)
+ADMM_CONVERGED = 1e-6
+FINALIZE_CONVERGED = 1e-5
 
 
 def spd(n: int, gen: torch.Generator, tokens: int | None = None) -> torch.Tensor:
@@ -56,7 +61,7 @@ def test_admm_with_fixed_mask_converges_to_exact_masked_least_squares():
     sol = admm_masked_lstsq(gram, rhs, fixed_mask=mask, iters=400)
     assert torch.equal(sol.mask, mask)
     assert bool((sol.z[~mask] == 0).all())
-    assert torch.allclose(sol.z, exact, rtol=1e-6, atol=1e-8)
+    assert relative_error(sol.z, exact) < ADMM_CONVERGED
 
 
 def test_admm_with_damping_solves_the_ridge_problem():
@@ -67,7 +72,7 @@ def test_admm_with_damping_solves_the_ridge_problem():
     sol = admm_masked_lstsq(gram, rhs, fixed_mask=mask, iters=400, damping=0.1)
     # damping is relative to the preconditioned (unit-diagonal) Gram: ridge 0.1 * diag(gram)
     ridge = gram + torch.diag(0.1 * gram.diagonal())
-    assert torch.allclose(sol.z, masked_lstsq_rows(ridge, rhs, mask), rtol=1e-6, atol=1e-8)
+    assert relative_error(sol.z, masked_lstsq_rows(ridge, rhs, mask)) < ADMM_CONVERGED
 
 
 def test_admm_mask_selection_meets_nnz_exactly_global_and_per_column():
@@ -85,7 +90,10 @@ def test_sylvester_solve_satisfies_its_equation():
     c = torch.randn(12, 5, generator=gen, dtype=D64)
     rho = 0.7
     a = sylvester_solve(torch.linalg.eigh(g), torch.linalg.eigh(k), c, rho)
-    assert torch.allclose(g @ a @ k + rho * a, c, rtol=1e-9, atol=1e-10)
+    # eigh is backward stable (error p(n) u ||G||, p(n) <= n^2 taken), and the solve adds two n-term
+    # products per side: the residual is a rounding-sized fraction of ||G|| ||A|| ||K||
+    resid = float((g @ a @ k + rho * a - c).norm())
+    assert resid <= rel_bound(D64, 12**2 + 5**2 + 2 * (12 + 5)) * float(g.norm() * a.norm() * k.norm() + rho * a.norm())
 
 
 def test_input_factor_finalization_reaches_the_masked_optimum():
@@ -104,7 +112,7 @@ def test_input_factor_finalization_reaches_the_masked_optimum():
     exact[idx] = torch.linalg.solve(hess[idx][:, idx], grad[idx])
     f = finalize_first(w, g, torch.zeros(r, fan_in, dtype=D64), s, mask, iters=600, damping=0.0)
     assert bool((f[~mask] == 0).all())
-    assert torch.allclose(f.flatten(), exact, rtol=1e-5, atol=1e-7)
+    assert relative_error(f.flatten(), exact) < FINALIZE_CONVERGED
 
 
 def test_output_factor_finalization_reaches_the_masked_optimum():
@@ -116,7 +124,7 @@ def test_output_factor_finalization_reaches_the_masked_optimum():
     mask = torch.rand(out, r, generator=gen) < 0.6
     exact = masked_lstsq_rows(f @ g @ f.T, f @ g @ w.T, mask.T).T
     s = finalize_second(w, g, f, torch.zeros(out, r, dtype=D64), mask, iters=600, damping=0.0)
-    assert torch.allclose(s, exact, rtol=1e-5, atol=1e-7)
+    assert relative_error(s, exact) < FINALIZE_CONVERGED
 
 
 @pytest.mark.parametrize(
@@ -142,7 +150,7 @@ def test_budget_holds_for_every_shape_and_density(shape, density, share):
     assert res.first.shape == (r, fan_in) and res.second.shape == (out, r)
     assert res.nnz <= math.floor(density * out * fan_in)
     assert bool((res.first[~res.first_mask] == 0).all()) and bool((res.second[~res.second_mask] == 0).all())
-    assert torch.allclose(res.product, res.second @ res.first)
+    assert torch.equal(res.product, res.second @ res.first)  # the same matmul of the same tensors
     assert math.isfinite(res.error) and res.relative_error <= 1.0 + 1e-6
 
 
@@ -212,6 +220,15 @@ def test_vision_square_share_beats_the_reference_rule_on_a_trained_like_conv():
     assert new < 0.9 * old < 0.9 * factorize("magnitude", w, 0.1).error
 
 
+def error_tol(res, g: torch.Tensor) -> float:
+    """Relative bound on a recomputed error: ``S F`` recomputed from contiguous copies may round differently by
+    ``dP <= gamma_r |S||F|``, which moves ``||W - P||_G^2`` by at most ``2 ||W - P||_G ||dP||_G``."""
+    if res.second is None:
+        return rel_bound(D64, g.shape[0] ** 2)  # same operands: only the float64 trace sum
+    dp = rel_bound(torch.float32, res.second.shape[1]) * float((res.second.abs() @ res.first.abs()).norm())
+    return 2 * math.sqrt(float(torch.linalg.eigvalsh(g.double()).max())) * dp / math.sqrt(res.error)
+
+
 def test_budget_holds_with_a_gram_and_every_method():
     gen = torch.Generator().manual_seed(7)
     for shape in [(24, 40), (40, 24), (32, 32)]:
@@ -222,7 +239,7 @@ def test_budget_holds_with_a_gram_and_every_method():
                 opts = {"outer_iters": 5} if method == "dsf" else {}
                 res = factorize(method, w, density, g, **opts)
                 assert res.nnz <= nnz_budget(density, w.numel()), (method, shape, density)
-                assert math.isclose(res.error, reconstruction_error(w, res.product, g), rel_tol=1e-4)
+                assert math.isclose(res.error, reconstruction_error(w, res.product, g), rel_tol=error_tol(res, g))
 
 
 def test_product_of_two_sparse_matrices_is_recovered():
@@ -308,7 +325,8 @@ def test_svd_baseline_is_the_eckart_young_optimum_at_equal_parameters():
     k = nnz_budget(0.4, w.numel()) // 80
     s = torch.linalg.svdvals(w)
     assert res.info["rank"] == k
-    assert math.isclose(res.error, float(s[k:].square().sum()), rel_tol=1e-9)
+    # the SVD's backward error is ~ m n u ||W||; the tail holds most of ||W||^2 at k = 7 of 30
+    assert math.isclose(res.error, float(s[k:].square().sum()), rel_tol=rel_bound(D64, w.numel()))
 
 
 @pytest.mark.parametrize(
@@ -413,9 +431,12 @@ def test_batch_factorization_equals_one_call_per_layer(count, out, fan_in, densi
         want = double_sparse_factorize(w[i], density, None if g is None else g[i], **opts)
         for key in ("first_mask", "second_mask"):
             assert torch.equal(getattr(got, key), getattr(want, key)), (i, key)
+        # batched and per-matrix BLAS calls round differently: fp32 rounding of Algorithm 1, as for the
+        # golden factors (~200 chained solves of max(out, fan_in)-term dots)
+        depth = 200 * max(out, fan_in)
         for key in ("first", "second"):
-            torch.testing.assert_close(getattr(got, key), getattr(want, key), rtol=1e-5, atol=1e-6)
-        assert math.isclose(got.error, want.error, rel_tol=1e-5) and got.info == want.info
+            assert_rel_close(getattr(got, key), getattr(want, key), depth=depth, dtype=torch.float32)
+        assert math.isclose(got.error, want.error, rel_tol=rel_bound(torch.float32, depth)) and got.info == want.info
         assert got.nnz <= nnz_budget(density, out * fan_in)
         assert got.first.data_ptr() != batch[0].first.data_ptr() or i == 0  # each layer owns its tensors
 
@@ -434,7 +455,8 @@ def test_batched_selection_and_admm_equal_one_matrix_at_a_time():
     for i in range(3):
         one = admm_masked_lstsq(grams[i], rhs[i], 40, iters=4, mask_iters=2, damping=1e-2)
         assert torch.equal(sol.mask[i], one.mask) and int(one.mask.sum()) == 40
-        torch.testing.assert_close(sol.z[i], one.z, rtol=1e-10, atol=1e-12)
+        # 4 x 2 ADMM steps, each a solve of 16-term dots and a projection: float64 rounding
+        assert_rel_close(sol.z[i], one.z, depth=4 * 2 * 3 * 16)
 
 
 @pytest.mark.parametrize("call,match", [

@@ -202,10 +202,10 @@ def test_ddp_rank_fault_in_the_llm_recipe_prune(tiny_llama, wiki_texts, tmp_path
 # ------------------------------------------------------------------------------------------------
 # 2. truncated or corrupted files
 # ------------------------------------------------------------------------------------------------
-def _small_pruned():
+def _small_pruned(storage="compressed"):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 16))
-    prune(model, 0.4, "dsf", progress=False, factorization_options={"outer_iters": 2})
+    prune(model, 0.4, "dsf", progress=False, factorization_options={"outer_iters": 2}, storage=storage)
     return model
 
 
@@ -535,7 +535,8 @@ def test_ctrl_c_in_the_callback_prune_leaves_the_module_dense(monkeypatch, capsy
 # 6. every run proves its masks; WANDB_MODE=disabled means no run
 # ------------------------------------------------------------------------------------------------
 def test_nonzeros_outside_masks_is_a_real_count():
-    model = _small_pruned()
+    assert nonzeros_outside_masks(_small_pruned()) == 0  # compressed: such entries cannot even be held
+    model = _small_pruned("masked")
     assert nonzeros_outside_masks(model) == 0
     layer = model[0]
     p, m = layer.masked_parameters()[0]

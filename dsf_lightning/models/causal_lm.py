@@ -147,8 +147,10 @@ class CausalLM(PrunedCheckpointMixin, pl.LightningModule):
     def configure_optimizers(self) -> Any:
         h = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": h.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        factors = {id(p) for _, m in pruned_modules(self) for p in m.factor_parameters()}  # 1-D when compressed
+        matrix = lambda p: p.dim() >= 2 or id(p) in factors  # noqa: E731
+        groups = [{"params": [p for p in params if matrix(p)], "weight_decay": h.weight_decay},
+                  {"params": [p for p in params if not matrix(p)], "weight_decay": 0.0}]
         opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=h.lr, betas=tuple(h.betas), eps=h.eps)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(

@@ -20,10 +20,12 @@ from dsf_lightning.layers import layer_kind, weight_matrix
 from dsf_lightning.modules.base import ConvGeometry, MaskedLayer
 from dsf_lightning.modules.dsf import FORWARD_MODES, DSFConv2d, DSFLinear, ForwardMode, choose_forward_path
 from dsf_lightning.modules.sparse import SparseConv2d, SparseLinear
+from dsf_lightning.modules.storage import STORAGES, Storage, check_storage
 
 __all__ = [
     "FORWARD_MODES",
     "PRUNED_MODULE_TYPES",
+    "STORAGES",
     "ConvGeometry",
     "DSFConv2d",
     "DSFLinear",
@@ -31,11 +33,14 @@ __all__ = [
     "MaskedLayer",
     "SparseConv2d",
     "SparseLinear",
+    "Storage",
+    "check_storage",
     "choose_forward_path",
     "is_pruned_module",
     "pruned_module",
     "pruned_module_class",
     "pruned_module_from_factorization",
+    "set_storage",
 ]
 
 PRUNED_MODULE_TYPES: tuple[type[MaskedLayer], ...] = (DSFLinear, DSFConv2d, SparseLinear, SparseConv2d)
@@ -71,13 +76,13 @@ def _dense_equivalent(w: torch.Tensor, two_factor: bool) -> Factorization:
 
 @torch.no_grad()
 def pruned_module(layer: nn.Module, two_factor: bool, fact: Factorization | None = None, *,
-                  forward_mode: ForwardMode = "auto") -> MaskedLayer:
+                  forward_mode: ForwardMode = "auto", storage: Storage = "masked") -> MaskedLayer:
     """The pruned replacement of the dense ``layer`` (same dtype, device, bias and training flags).
 
     With ``fact`` it holds that factorization of ``layer``'s ``(out, fan_in)`` matrix; without, it holds
     ``layer``'s own weight with full masks and computes exactly ``layer``'s function until a
     factorization is loaded into it (:meth:`MaskedLayer.load_factorization_`). ``forward_mode`` applies
-    to two-factor layers. The global RNG state is left as it was.
+    to two-factor layers; ``storage`` is how the factors are held. The global RNG state is left as it was.
     """
     cls = pruned_module_class(layer, two_factor)
     device = layer.weight.device
@@ -85,12 +90,23 @@ def pruned_module(layer: nn.Module, two_factor: bool, fact: Factorization | None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         new = cls.like(layer, forward_mode=forward_mode) if two_factor else cls.like(layer)
     new.load_factorization_(fact if fact is not None else _dense_equivalent(weight_matrix(layer), two_factor))
+    new.set_storage_(storage)
     new.train(layer.training)
     new.requires_grad_(layer.weight.requires_grad)  # a frozen model stays frozen
     return new
 
 
-def pruned_module_from_factorization(layer: nn.Module, fact: Factorization, *,
-                                     forward_mode: ForwardMode = "auto") -> MaskedLayer:
+def pruned_module_from_factorization(layer: nn.Module, fact: Factorization, *, forward_mode: ForwardMode = "auto",
+                                     storage: Storage = "masked") -> MaskedLayer:
     """The pruned replacement of ``layer`` holding ``fact`` (two factors or one, by ``fact.second``)."""
-    return pruned_module(layer, fact.second is not None, fact, forward_mode=forward_mode)
+    return pruned_module(layer, fact.second is not None, fact, forward_mode=forward_mode, storage=storage)
+
+
+def set_storage(model: nn.Module, storage: Storage) -> nn.Module:
+    """Every pruned module of ``model`` in ``storage`` (:meth:`MaskedLayer.set_storage_`, in place; the
+    same function, values and masks). Build the optimizer after: the parameters are new. Returns ``model``."""
+    check_storage(storage)
+    for m in model.modules():
+        if is_pruned_module(m):
+            m.set_storage_(storage)
+    return model

@@ -1,10 +1,11 @@
-"""What every masked pruned layer shares: (parameter, mask) bookkeeping, conv geometry, construction checks.
+"""What every masked pruned layer shares: factor bookkeeping in either storage, conv geometry, construction checks.
 
-Every forward uses ``param * mask`` (masks are bool buffers, saved in the state dict), so the
-function is exactly sparse and the gradient of a masked entry is exactly zero. Entries outside
-the masks are zero at construction, and every standard update keeps a zero parameter with zero
-gradient at zero (SGD momentum/weight decay, Adam(W), GradScaler), so the stored parameters stay
-exactly sparse as well. Call :meth:`MaskedLayer.apply_masks_` after writing parameters by hand.
+Every forward uses the factors zero outside their masks (:meth:`MaskedLayer.factor`), so the function is
+exactly sparse. In the masked storage (``param * mask``) the gradient of a masked entry is exactly zero;
+entries outside the masks are zero at construction, and every standard update keeps a zero parameter
+with zero gradient at zero (SGD momentum/weight decay, Adam(W), GradScaler), so the stored parameters
+stay exactly sparse as well (call :meth:`MaskedLayer.apply_masks_` after writing parameters by hand).
+In the compressed storage only the nonzeros are parameters (:mod:`~dsf_lightning.modules.storage`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from dsf_lightning.factorization import Factorization
 from dsf_lightning.layers import PAD_MODES, explicit_padding, layer_kind, pair
+from dsf_lightning.modules.storage import Storage, check_storage, pack_bits, scatter_values, unpack_bits
 
 __all__ = ["ConvGeometry", "IntPair", "MaskedLayer", "check_factorization"]
 
@@ -25,29 +27,89 @@ IntPair = int | tuple[int, int]
 
 
 class MaskedLayer(nn.Module):
-    """Shared bookkeeping of the pruned layers: ``(param, mask)`` pairs, nnz/density, mask projection,
-    and filling the masks and values from a :class:`~dsf_lightning.factorization.Factorization`."""
+    """Shared bookkeeping of the pruned layers: their factors (``factor_names``, each a dense-shaped
+    tensor zero outside its bool mask) in either storage, nnz/density, mask projection, and filling the
+    masks and values from a :class:`~dsf_lightning.factorization.Factorization`.
+
+    ``storage="masked"``: factor ``f`` is the parameter ``f`` times the buffer ``f_mask``.
+    ``storage="compressed"``: the parameter ``f_values`` holds the nonzeros and the buffer ``f_bits`` the
+    packed mask (:mod:`~dsf_lightning.modules.storage`); ``m.f`` and ``m.f_mask`` then read the unpacked
+    factor and mask. :meth:`set_storage_` converts in place, and ``load_state_dict`` takes either form.
+    """
 
     bias: nn.Parameter | None
+    #: the factors, in order: ``("first", "second")`` (``W = second @ first``) or ``("weight",)``
+    factor_names: tuple[str, ...] = ()
 
-    def masked_parameters(self) -> list[tuple[nn.Parameter, Tensor]]:
-        """``[(param, bool mask)]`` for every masked parameter (the bias is dense)."""
-        raise NotImplementedError
+    def _init_masked(self, shapes: tuple[tuple[int, ...], ...], device: Any, dtype: Any) -> None:
+        """Register every factor in the masked storage, all-True masks (``reset_parameters`` fills them)."""
+        self._storage: Storage = "masked"
+        self._factor_shapes = dict(zip(self.factor_names, shapes))
+        for name, shape in self._factor_shapes.items():
+            setattr(self, name, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+            self.register_buffer(f"{name}_mask", torch.ones(shape, dtype=torch.bool, device=device))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if self.__dict__.get("_storage") == "compressed":
+                if name in self.factor_names:
+                    return self.factor(name)
+                if name.endswith("_mask") and name[:-5] in self.factor_names:
+                    return self.factor_mask(name[:-5])
+            raise
+
+    @property
+    def storage(self) -> Storage:
+        """``"masked"`` or ``"compressed"`` (change it with :meth:`set_storage_`)."""
+        return self._storage
+
+    def factor_parameters(self) -> list[nn.Parameter]:
+        """The parameters holding the factors (full-size or values), in ``factor_names`` order: matrix entries
+        either way (for weight decay on matrices, a compressed factor's 1-D values count)."""
+        suffix = "" if self._storage == "masked" else "_values"
+        return [self._parameters[n + suffix] for n in self.factor_names]
+
+    def factor_shape(self, name: str) -> tuple[int, ...]:
+        """The dense shape of factor ``name``."""
+        return self._factor_shapes[name]
+
+    def factor_mask(self, name: str) -> Tensor:
+        """Bool mask of factor ``name`` (its dense shape)."""
+        if self._storage == "masked":
+            return self._buffers[f"{name}_mask"]
+        return unpack_bits(self._buffers[f"{name}_bits"], self._factor_shapes[name])
+
+    def factor(self, name: str) -> Tensor:
+        """Factor ``name`` as a dense tensor, zero outside its mask; differentiable in the parameter."""
+        if self._storage == "masked":
+            return self._parameters[name] * self._buffers[f"{name}_mask"]
+        return scatter_values(self._parameters[f"{name}_values"], self.factor_mask(name))
+
+    def masked_parameters(self) -> list[tuple[Tensor, Tensor]]:
+        """``[(factor, bool mask)]`` in ``factor_names`` order (the bias is dense): the parameters themselves
+        in the masked storage, the unpacked factors in the compressed one."""
+        if self._storage == "masked":
+            return [(self._parameters[n], self._buffers[f"{n}_mask"]) for n in self.factor_names]
+        return [(self.factor(n), self.factor_mask(n)) for n in self.factor_names]
 
     @property
     def fan_in(self) -> int:
-        """Inputs per output of the layer (``in * kh * kw`` for convs): a row of the first masked parameter."""
-        return self.masked_parameters()[0][0][0].numel()
+        """Inputs per output of the layer (``in * kh * kw`` for convs): a row of the first factor."""
+        return math.prod(self._factor_shapes[self.factor_names[0]][1:])
 
     @property
     def out_dim(self) -> int:
-        """Outputs of the layer (``out_features`` / ``out_channels``): rows of the last masked parameter."""
-        return self.masked_parameters()[-1][0].shape[0]
+        """Outputs of the layer (``out_features`` / ``out_channels``): rows of the last factor."""
+        return self._factor_shapes[self.factor_names[-1]][0]
 
     @property
     def nnz(self) -> int:
         """Stored nonzeros: the masks' sizes (what the pruning budget counts; bias excluded)."""
-        return sum(int(m.sum()) for _, m in self.masked_parameters())
+        if self._storage == "compressed":
+            return sum(self._parameters[f"{n}_values"].numel() for n in self.factor_names)
+        return sum(int(self._buffers[f"{n}_mask"].sum()) for n in self.factor_names)
 
     @property
     def density(self) -> float:
@@ -56,41 +118,121 @@ class MaskedLayer(nn.Module):
 
     @torch.no_grad()
     def apply_masks_(self) -> MaskedLayer:
-        """Zero every parameter entry outside its mask (after hand-written parameter updates)."""
-        for p, m in self.masked_parameters():
-            p.mul_(m)
+        """Zero every parameter entry outside its mask (after hand-written parameter updates); the
+        compressed storage cannot hold such entries."""
+        if self._storage == "masked":
+            for n in self.factor_names:
+                self._parameters[n].mul_(self._buffers[f"{n}_mask"])
         return self
 
-    def merged_weight(self) -> Tensor:
-        """Detached dense weight in the original layer's shape (``nn.Linear`` / ``nn.Conv2d``)."""
-        raise NotImplementedError
+    @torch.no_grad()
+    def set_factor_(self, name: str, value: Tensor, mask: Tensor) -> None:
+        """Factor ``name`` := ``value`` at bool ``mask`` (both its dense shape), zero elsewhere. The parameter
+        object stays the same, so optimizers holding it see the new values (a compressed one is resized)."""
+        mask = mask.to(device=self._buffers[self._mask_key(name)].device, dtype=torch.bool)
+        if self._storage == "masked":
+            param = self._parameters[name]
+            self._buffers[f"{name}_mask"].copy_(mask)
+            param.copy_(value.to(device=param.device, dtype=param.dtype) * mask)
+        else:
+            param = self._parameters[f"{name}_values"]
+            self._buffers[f"{name}_bits"].copy_(pack_bits(mask))
+            param.data = value.to(device=param.device, dtype=param.dtype)[mask].clone()
+
+    def _mask_key(self, name: str) -> str:
+        return f"{name}_mask" if self._storage == "masked" else f"{name}_bits"
+
+    @torch.no_grad()
+    def set_storage_(self, storage: Storage) -> MaskedLayer:
+        """In place: hold the factors in ``storage`` (same values, masks and ``requires_grad``; new parameter
+        objects, so build the optimizer after). Returns ``self``."""
+        storage = check_storage(storage)
+        if storage == self._storage:
+            return self
+        held = {n: (self.factor(n).detach(), self.factor_mask(n).clone(),
+                    self._parameters[n if self._storage == "masked" else f"{n}_values"].requires_grad)
+                for n in self.factor_names}
+        for name in self.factor_names:
+            for key in (name, f"{name}_mask", f"{name}_values", f"{name}_bits"):
+                self._parameters.pop(key, None)
+                self._buffers.pop(key, None)
+        self._storage = storage
+        for name, (value, mask, requires_grad) in held.items():
+            if storage == "masked":
+                self.register_parameter(name, nn.Parameter(value, requires_grad=requires_grad))
+                self.register_buffer(f"{name}_mask", mask)
+            else:
+                self.register_parameter(f"{name}_values", nn.Parameter(value[mask], requires_grad=requires_grad))
+                self.register_buffer(f"{name}_bits", pack_bits(mask))
+        # factors first, then the bias, in either storage: optimizer states are matched by position
+        if "bias" in self._parameters:
+            self._parameters["bias"] = self._parameters.pop("bias")
+        return self
+
+    def state_to_storage_(self, state_dict: dict[str, Any], prefix: str = "") -> None:
+        """Rewrite, in ``state_dict`` (keys of this module under ``prefix``), factors saved in the other storage
+        into this module's; check that a compressed factor's values count its mask bits (``ValueError`` naming
+        the layer). ``load_state_dict`` does it, so checkpoints of either storage load into either."""
+        layer = prefix.removesuffix(".") or type(self).__name__
+        for name in self.factor_names:
+            shape, p = self._factor_shapes[name], prefix + name
+            if self._storage == "compressed" and p in state_dict and f"{p}_mask" in state_dict:
+                value, mask = state_dict.pop(p), state_dict.pop(f"{p}_mask")
+                if tuple(mask.shape) != shape or tuple(value.shape) != shape:
+                    continue  # the strict shape check reports it
+                state_dict[f"{p}_values"], state_dict[f"{p}_bits"] = value[mask.bool()], pack_bits(mask.bool())
+            elif self._storage == "masked" and f"{p}_values" in state_dict and f"{p}_bits" in state_dict:
+                values, bits = state_dict.pop(f"{p}_values"), state_dict.pop(f"{p}_bits")
+                mask = _checked_mask(layer, name, values, bits, shape)
+                state_dict[p], state_dict[f"{p}_mask"] = scatter_values(values, mask), mask
+            elif self._storage == "compressed" and f"{p}_values" in state_dict and f"{p}_bits" in state_dict:
+                _checked_mask(layer, name, state_dict[f"{p}_values"], state_dict[f"{p}_bits"], shape)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        self.state_to_storage_(state_dict, prefix)
+        if self._storage == "compressed":  # the nonzeros are data: take the checkpoint's count
+            for name in self.factor_names:
+                values, param = state_dict.get(f"{prefix}{name}_values"), self._parameters[f"{name}_values"]
+                if isinstance(values, Tensor) and values.dim() == 1 and values.numel() != param.numel():
+                    param.data = param.new_empty(values.numel())
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     @torch.no_grad()
     def load_factorization_(self, fact: Factorization) -> MaskedLayer:
         """In place: masks and values of ``fact`` (a factorization of this layer's ``(out, fan_in)``
-        matrix) into the masked parameters, in their dtype and device. The parameter objects stay the
-        same, so optimizers and DDP holding them see the new values. A two-factor ``fact`` of a lower
-        rank ``k`` (low-rank SVD) fills the first ``k`` rank channels; the others are masked out.
-        Returns ``self``."""
+        matrix) into the factors, in their dtype and device. The parameter objects stay the same, so
+        optimizers holding them see the new values. A two-factor ``fact`` of a lower rank ``k`` (low-rank
+        SVD) fills the first ``k`` rank channels; the others are masked out. Returns ``self``."""
         check_factorization(self, fact)
         values = [(fact.first, fact.first_mask)] + ([] if fact.second is None else [(fact.second, fact.second_mask)])
-        for (param, mask), (value, value_mask) in zip(self.masked_parameters(), values):
-            flat_p, flat_m = param.view(param.shape[0], -1), mask.view(mask.shape[0], -1)
-            if value is fact.second:  # (out, k): the rank channels are columns
-                flat_p, flat_m = flat_p.T, flat_m.T
-                value, value_mask = value.T, value_mask.T
+        for name, (value, value_mask) in zip(self.factor_names, values):
+            shape = self._factor_shapes[name]
+            dense = torch.zeros(shape[0], math.prod(shape[1:]), dtype=value.dtype, device=value.device)
+            mask = torch.zeros(dense.shape, dtype=torch.bool, device=value.device)
+            flat_v, flat_m = (dense.T, mask.T) if value is fact.second else (dense, mask)  # (out, k): rank = columns
+            value, value_mask = (value.T, value_mask.T) if value is fact.second else (value, value_mask)
             k = value.shape[0]
-            vm = value_mask.to(device=mask.device, dtype=torch.bool)
-            flat_m.zero_()
-            flat_m[:k] = vm
-            flat_p.zero_()
-            flat_p[:k] = value.detach().to(device=param.device, dtype=param.dtype) * vm
+            flat_m[:k] = value_mask.to(torch.bool)
+            flat_v[:k] = value.detach() * flat_m[:k]
+            self.set_factor_(name, dense.view(shape), mask.view(shape))
         return self
 
     def _copy_bias(self, bias: Tensor | None) -> None:
         if bias is not None:
             with torch.no_grad():
                 self.bias.copy_(bias)
+
+
+def _checked_mask(layer: str, name: str, values: Tensor, bits: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """The mask of a compressed factor's ``bits``, ``ValueError`` unless ``values`` holds one entry per bit."""
+    try:
+        mask = unpack_bits(bits, shape)
+    except ValueError as e:
+        raise ValueError(f"layer {layer!r} factor {name!r}: {e}") from None
+    if values.dim() != 1 or values.numel() != int(mask.sum()):
+        raise ValueError(f"layer {layer!r} factor {name!r}: {tuple(values.shape)} values for {int(mask.sum())} "
+                         f"mask bits (a compressed factor holds one value per set bit)")
+    return mask
 
 
 def _shape_error(layer: MaskedLayer, what: str, t: Tensor | None, expected: tuple[int, ...]) -> None:

@@ -28,6 +28,7 @@ from dsf_lightning.modules.base import (
     init_masked_,
     linear_weight,
 )
+from dsf_lightning.modules.storage import Storage
 
 __all__ = ["FORWARD_MODES", "DSFConv2d", "DSFLinear", "ForwardMode", "choose_forward_path"]
 
@@ -50,29 +51,25 @@ def choose_forward_path(out: int, rank: int, fan_in: int, tokens: int) -> Forwar
 class _TwoFactor(MaskedLayer):
     """Two masked factors ``first`` / ``second``, forward-path choice and norm balancing."""
 
-    first: nn.Parameter
-    second: nn.Parameter
-    first_mask: Tensor
-    second_mask: Tensor
+    factor_names = ("first", "second")
     rank: int
 
     def _init_factors(self, first_shape: tuple[int, ...], second_shape: tuple[int, ...], bias: int | None,
-                      forward_mode: ForwardMode, device: Any, dtype: Any) -> None:
-        kw = dict(device=device, dtype=dtype)
-        self.first = nn.Parameter(torch.empty(first_shape, **kw))
-        self.second = nn.Parameter(torch.empty(second_shape, **kw))
-        self.bias = nn.Parameter(torch.empty(bias, **kw)) if bias is not None else None
-        self.register_buffer("first_mask", torch.ones(first_shape, dtype=torch.bool, device=device))
-        self.register_buffer("second_mask", torch.ones(second_shape, dtype=torch.bool, device=device))
+                      forward_mode: ForwardMode, storage: Storage, device: Any, dtype: Any) -> None:
+        self._init_masked((first_shape, second_shape), device, dtype)
+        self.bias = nn.Parameter(torch.empty(bias, device=device, dtype=dtype)) if bias is not None else None
         self.forward_mode = forward_mode
         self.reset_parameters()
+        self.set_storage_(storage)
 
     def reset_parameters(self) -> None:
         """Random factors (nn.Linear's init per factor), zero outside the masks; for empty modules."""
+        storage = self.storage
+        self.set_storage_("masked")
         init_masked_(self.first)
         init_masked_(self.second)
         init_bias_(self.bias, self.fan_in)
-        self.apply_masks_()
+        self.apply_masks_().set_storage_(storage)
 
     @property
     def forward_mode(self) -> ForwardMode:
@@ -85,12 +82,9 @@ class _TwoFactor(MaskedLayer):
             raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {mode!r}")
         self._forward_mode = mode
 
-    def masked_parameters(self) -> list[tuple[nn.Parameter, Tensor]]:
-        return [(self.first, self.first_mask), (self.second, self.second_mask)]
-
     def _product(self) -> Tensor:
         """``(out, fan_in)`` ``S F`` of the masked factors, differentiable."""
-        return (self.second * self.second_mask).flatten(1) @ (self.first * self.first_mask).flatten(1)
+        return self.factor("second").flatten(1) @ self.factor("first").flatten(1)
 
     def _tokens(self, x: Tensor) -> int:
         raise NotImplementedError
@@ -110,19 +104,18 @@ class _TwoFactor(MaskedLayer):
         Channels with a zero factor are left alone. Do it before creating the optimizer:
         momentum/Adam state is not rescaled.
         """
-        f = (self.first * self.first_mask).flatten(1)
-        s = (self.second * self.second_mask).flatten(1)
+        f, s = self.factor("first").flatten(1), self.factor("second").flatten(1)
         nf = f.double().norm(dim=1)
         ns = s.double().norm(dim=0)
         ok = (nf > 0) & (ns > 0)
         d = torch.where(ok, (ns / nf.where(ok, 1.0)).sqrt(), 1.0)
-        self.first.copy_((f * d[:, None].to(f.dtype)).view_as(self.first))
-        self.second.copy_((s / d[None, :].to(s.dtype)).view_as(self.second))
+        for name, value in (("first", f * d[:, None].to(f.dtype)), ("second", s / d[None, :].to(s.dtype))):
+            self.set_factor_(name, value.view(self.factor_shape(name)), self.factor_mask(name))
         return self
 
     def extra_repr(self) -> str:
         return (f"{self._shape_repr()}, rank={self.rank}, bias={self.bias is not None}, "
-                f"density={self.density:.4f}, forward_mode={self._forward_mode}")
+                f"density={self.density:.4f}, forward_mode={self._forward_mode}, storage={self.storage}")
 
 
 class DSFLinear(_TwoFactor):
@@ -133,15 +126,16 @@ class DSFLinear(_TwoFactor):
             a pruned checkpoint into). Build a pruned one with :meth:`from_factorization`.
         bias: learnable ``(out,)`` bias, added after ``S``.
         forward_mode: ``"auto"``, ``"fused"`` or ``"sequential"`` (settable attribute).
+        storage: ``"masked"`` or ``"compressed"`` (:mod:`~dsf_lightning.modules.storage`).
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
-                 forward_mode: ForwardMode = "auto", device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 forward_mode: ForwardMode = "auto", storage: Storage = "masked",
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self._init_factors((rank, in_features), (out_features, rank), out_features if bias else None,
-                           forward_mode, device, dtype)
+                           forward_mode, storage, device, dtype)
 
     @classmethod
     def like(cls, layer: nn.Module, *, forward_mode: ForwardMode = "auto") -> DSFLinear:
@@ -169,7 +163,7 @@ class DSFLinear(_TwoFactor):
         """``x (..., in) -> (..., out)``."""
         if self.forward_path(x) == "fused":
             return F.linear(x, self._product(), self.bias)
-        return F.linear(F.linear(x, self.first * self.first_mask), self.second * self.second_mask, self.bias)
+        return F.linear(F.linear(x, self.factor("first")), self.factor("second"), self.bias)
 
     def merged_weight(self) -> Tensor:
         """Detached ``(out, in)`` dense weight ``S F``."""
@@ -182,7 +176,7 @@ class DSFLinear(_TwoFactor):
     def spec(self) -> dict[str, Any]:
         """Constructor kwargs rebuilding this (empty) module: ``DSFLinear(**m.spec())``."""
         return dict(in_features=self.in_features, out_features=self.out_features, rank=self.rank,
-                    bias=self.bias is not None, forward_mode=self._forward_mode)
+                    bias=self.bias is not None, forward_mode=self._forward_mode, storage=self.storage)
 
     def _shape_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -200,12 +194,13 @@ class DSFConv2d(ConvGeometry, _TwoFactor):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, rank: int,
                  stride: IntPair = 1, padding: IntPair | str = 0, dilation: IntPair = 1,
                  padding_mode: str = "zeros", bias: bool = True, *, forward_mode: ForwardMode = "auto",
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 storage: Storage = "masked", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self._init_geometry(kernel_size, stride, padding, dilation, padding_mode)
         self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
         self._init_factors((rank, in_channels, *self.kernel_size), (out_channels, rank, 1, 1),
-                           out_channels if bias else None, forward_mode, device, dtype)
+                           out_channels if bias else None, forward_mode, storage, device, dtype)
 
     @classmethod
     def like(cls, layer: nn.Module, *, forward_mode: ForwardMode = "auto") -> DSFConv2d:
@@ -231,8 +226,7 @@ class DSFConv2d(ConvGeometry, _TwoFactor):
         if self.forward_path(x) == "fused":
             return self._conv(x, self._product().view(self.out_channels, self.in_channels, *self.kernel_size),
                               self.bias)
-        return F.conv2d(self._conv(x, self.first * self.first_mask, None), self.second * self.second_mask,
-                        self.bias)
+        return F.conv2d(self._conv(x, self.factor("first"), None), self.factor("second"), self.bias)
 
     def merged_weight(self) -> Tensor:
         """Detached ``(out, in, kh, kw)`` dense weight."""
@@ -245,4 +239,5 @@ class DSFConv2d(ConvGeometry, _TwoFactor):
     def spec(self) -> dict[str, Any]:
         """Constructor kwargs rebuilding this (empty) module: ``DSFConv2d(**m.spec())``."""
         return dict(in_channels=self.in_channels, out_channels=self.out_channels, rank=self.rank,
-                    bias=self.bias is not None, forward_mode=self._forward_mode, **self.geometry())
+                    bias=self.bias is not None, forward_mode=self._forward_mode, storage=self.storage,
+                    **self.geometry())

@@ -18,46 +18,45 @@ from dsf_lightning.modules.base import (
     init_masked_,
     linear_weight,
 )
+from dsf_lightning.modules.storage import Storage
 
 __all__ = ["SparseConv2d", "SparseLinear"]
 
 
 class _SingleMask(MaskedLayer):
-    weight: nn.Parameter
-    weight_mask: Tensor
+    factor_names = ("weight",)
 
-    def _init_weight(self, shape: tuple[int, ...], bias: bool, device: Any, dtype: Any) -> None:
-        kw = dict(device=device, dtype=dtype)
-        self.weight = nn.Parameter(torch.empty(shape, **kw))
-        self.bias = nn.Parameter(torch.empty(shape[0], **kw)) if bias else None
-        self.register_buffer("weight_mask", torch.ones(shape, dtype=torch.bool, device=device))
+    def _init_weight(self, shape: tuple[int, ...], bias: bool, storage: Storage, device: Any, dtype: Any) -> None:
+        self._init_masked((shape,), device, dtype)
+        self.bias = nn.Parameter(torch.empty(shape[0], device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
+        self.set_storage_(storage)
 
     def reset_parameters(self) -> None:
         """nn.Linear/nn.Conv2d's init, zero outside the mask; for empty modules."""
+        storage = self.storage
+        self.set_storage_("masked")
         init_masked_(self.weight)
         init_bias_(self.bias, self.fan_in)
-        self.apply_masks_()
-
-    def masked_parameters(self) -> list[tuple[nn.Parameter, Tensor]]:
-        return [(self.weight, self.weight_mask)]
+        self.apply_masks_().set_storage_(storage)
 
     def merged_weight(self) -> Tensor:
         """Detached dense weight in the original layer's shape (zero outside the mask)."""
-        return (self.weight * self.weight_mask).detach()
+        return self.factor("weight").detach()
 
     def extra_repr(self) -> str:
-        return f"{self._shape_repr()}, bias={self.bias is not None}, density={self.density:.4f}"
+        return (f"{self._shape_repr()}, bias={self.bias is not None}, density={self.density:.4f}, "
+                f"storage={self.storage}")
 
 
 class SparseLinear(_SingleMask):
     """``y = x (weight * weight_mask)^T + b``: a single-mask pruned ``nn.Linear``."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, storage: Storage = "masked",
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self._init_weight((out_features, in_features), bias, device, dtype)
+        self._init_weight((out_features, in_features), bias, storage, device, dtype)
 
     @classmethod
     def like(cls, layer: nn.Module) -> SparseLinear:
@@ -76,7 +75,7 @@ class SparseLinear(_SingleMask):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x (..., in) -> (..., out)``."""
-        return F.linear(x, self.weight * self.weight_mask, self.bias)
+        return F.linear(x, self.factor("weight"), self.bias)
 
     def to_dense(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the masked weight (same dtype/device, bias copied)."""
@@ -84,7 +83,8 @@ class SparseLinear(_SingleMask):
 
     def spec(self) -> dict[str, Any]:
         """Constructor kwargs rebuilding this (empty) module."""
-        return dict(in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None)
+        return dict(in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None,
+                    storage=self.storage)
 
     def _shape_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -95,12 +95,12 @@ class SparseConv2d(ConvGeometry, _SingleMask):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
                  padding: IntPair | str = 0, dilation: IntPair = 1, padding_mode: str = "zeros",
-                 bias: bool = True, *, device: torch.device | str | None = None,
+                 bias: bool = True, *, storage: Storage = "masked", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self._init_geometry(kernel_size, stride, padding, dilation, padding_mode)
         self.in_channels, self.out_channels = in_channels, out_channels
-        self._init_weight((out_channels, in_channels, *self.kernel_size), bias, device, dtype)
+        self._init_weight((out_channels, in_channels, *self.kernel_size), bias, storage, device, dtype)
 
     @classmethod
     def like(cls, layer: nn.Module) -> SparseConv2d:
@@ -119,7 +119,7 @@ class SparseConv2d(ConvGeometry, _SingleMask):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x (N, in, H, W) -> (N, out, H_out, W_out)``."""
-        return self._conv(x, self.weight * self.weight_mask, self.bias)
+        return self._conv(x, self.factor("weight"), self.bias)
 
     def to_dense(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` with the masked weight (same dtype/device, bias copied)."""
@@ -128,4 +128,4 @@ class SparseConv2d(ConvGeometry, _SingleMask):
     def spec(self) -> dict[str, Any]:
         """Constructor kwargs rebuilding this (empty) module."""
         return dict(in_channels=self.in_channels, out_channels=self.out_channels, bias=self.bias is not None,
-                    **self.geometry())
+                    storage=self.storage, **self.geometry())

@@ -205,7 +205,7 @@ def llama_parser() -> ConfigParser[LlamaRecipeConfig]:
     """The command line of ``recipes/llama.py``: ``.parse(argv)`` gives a :class:`LlamaRecipeConfig`."""
     keep = {"--density", "--factorization-options", "--accelerator", "--devices", "--num-nodes", "--num-workers",
             "--seed", "--output-dir", "--wandb", "--wandb-project", "--wandb-group", "--wandb-dir", "--progress-bar",
-            "--allocation", "--allocation-options"}
+            "--allocation", "--allocation-options", "--storage"}
     shared = {f.names[0]: f for f in shared_flags() if f.names[0] in keep}
     flags = [
         *group(
@@ -243,7 +243,7 @@ def llama_parser() -> ConfigParser[LlamaRecipeConfig]:
                  help="dsf: double sparse factorization W ~= S @ F; the others: baselines with the same "
                       "per-layer budget, calibration windows and targets"),
             shared["--density"], shared["--factorization-options"], shared["--allocation"],
-            shared["--allocation-options"],
+            shared["--allocation-options"], shared["--storage"],
         ),
         *group(
             "fine-tuning",

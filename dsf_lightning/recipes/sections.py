@@ -10,6 +10,7 @@ from typing import Any, Literal, Protocol
 from dsf_lightning.allocation import ALLOCATIONS
 from dsf_lightning.config import PruneConfig
 from dsf_lightning.factorization import check_density
+from dsf_lightning.modules import STORAGES
 from dsf_lightning.recipes.cli import Flag, flag, group
 
 __all__ = [
@@ -196,6 +197,10 @@ def shared_flags() -> list[Flag]:
             flag("--allocation-options", to="prune.allocation_options", type=_json_dict,
                  help="JSON object of the allocation's options, e.g. '{\"max_ratio\": 2}' "
                       "(see dsf_lightning.allocation)"),
+            flag("--storage", to="prune.storage", choices=STORAGES,
+                 help="how the pruned layers hold their factors while fine-tuning: compressed (the nonzeros are the "
+                      "parameters: gradients and AdamW state scale with them) or masked (full-size parameters "
+                      "times masks)"),
         ),
         *group(
             "fine-tuning",
