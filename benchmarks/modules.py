@@ -5,8 +5,9 @@ timed variants run round-robin (one step of each in turn), so machine load hits 
 
 1. Fine-tune step (forward + backward + SGD momentum step) of a ResNet-20 (CIFAR, batch of
    3x32x32) with every conv except the first DSF-pruned at ``--density`` (data-free projection,
-   ``outer_iters=5``), in the fused / sequential / auto forward modes, and of a magnitude-pruned
-   one (SparseConv2d), relative to the dense network; likewise a small LLaMA
+   ``outer_iters=5``), in the fused / sequential / auto forward modes (masked storage) and auto in the
+   compressed storage, and of a magnitude-pruned one (SparseConv2d) in either storage, relative to the
+   dense network; likewise a small LLaMA
    (``LlamaForCausalLM``, random init) with all decoder linears replaced.
 2. Packed file size (:func:`dsf_lightning.export.packed_size_bytes`, fp16 values + bitmasks)
    at densities 0.1 and 0.5, relative to the dense fp16 state dict and to magnitude pruning.
@@ -68,8 +69,8 @@ _FACT_CACHE: dict[tuple[int, str, str, float], object] = {}
 
 
 def pruned_copy(model: nn.Module, targets: list[str], method: str, density: float,
-                forward_mode: str = "fused", outer_iters: int = 5) -> nn.Module:
-    """A deep copy of ``model`` with ``targets`` replaced (factorizations cached across modes)."""
+                forward_mode: str = "fused", outer_iters: int = 5, storage: str = "masked") -> nn.Module:
+    """A deep copy of ``model`` with ``targets`` replaced (factorizations cached across modes and storages)."""
     m = copy.deepcopy(model)
     for name in targets:
         layer = m.get_submodule(name)
@@ -77,7 +78,8 @@ def pruned_copy(model: nn.Module, targets: list[str], method: str, density: floa
         if key not in _FACT_CACHE:
             opts = dict(outer_iters=outer_iters) if method == "dsf" else {}
             _FACT_CACHE[key] = factorize(method, layer.weight.detach().flatten(1), density, **opts)
-        m.set_submodule(name, pruned_module_from_factorization(layer, _FACT_CACHE[key], forward_mode=forward_mode))
+        m.set_submodule(name, pruned_module_from_factorization(layer, _FACT_CACHE[key], forward_mode=forward_mode,
+                                                               storage=storage))
     return m
 
 
@@ -122,7 +124,9 @@ def bench_steps(args: argparse.Namespace) -> None:
     variants = {"dense": dense}
     for mode in ("fused", "sequential", "auto"):
         variants[f"dsf {mode}"] = pruned_copy(dense, targets, "dsf", args.density, mode)
+    variants["dsf auto, compressed"] = pruned_copy(dense, targets, "dsf", args.density, "auto", storage="compressed")
     variants["magnitude (SparseConv2d)"] = pruned_copy(dense, targets, "magnitude", args.density)
+    variants["magnitude, compressed"] = pruned_copy(dense, targets, "magnitude", args.density, storage="compressed")
     print(f"(ResNet-20 width {args.width}: {len(targets)} convs pruned in {time.perf_counter() - t0:.1f} s)")
     ce = nn.CrossEntropyLoss()
     fns = {k: train_step_fn(m, lambda mm: ce(mm(x), y)) for k, m in variants.items()}
@@ -137,7 +141,9 @@ def bench_steps(args: argparse.Namespace) -> None:
     variants = {"dense": dense}
     for mode in ("fused", "sequential", "auto"):
         variants[f"dsf {mode}"] = pruned_copy(dense, targets, "dsf", args.density, mode)
+    variants["dsf auto, compressed"] = pruned_copy(dense, targets, "dsf", args.density, "auto", storage="compressed")
     variants["magnitude (SparseLinear)"] = pruned_copy(dense, targets, "magnitude", args.density)
+    variants["magnitude, compressed"] = pruned_copy(dense, targets, "magnitude", args.density, storage="compressed")
     print(f"(LLaMA: {len(targets)} linears pruned in {time.perf_counter() - t0:.1f} s)")
     fns = {k: train_step_fn(m, lambda mm: mm(input_ids=ids, labels=ids).loss) for k, m in variants.items()}
     res = round_robin(fns, args.warmup, args.steps)

@@ -555,7 +555,13 @@ def test_runs_record_their_mask_proof(tiny_llama, wiki_texts, tmp_path):
                                    "--wandb", "offline", "--wandb-dir", str(tmp_path))) == 0
     result = json.load(open(out / "results.json"))
     assert result["nonzeros_outside_masks"] == 0 and result["finetune_steps"] == 2
-    assert wandb_records(tmp_path)["summary"]["nonzeros_outside_masks"] == 0
+    summary = wandb_records(tmp_path)["summary"]
+    assert summary["nonzeros_outside_masks"] == 0
+    # and its memory: the LLM default storage, the training state read from the tensors, the peak
+    memory = result["finetune_memory"]
+    assert summary["finetune_memory"] == memory and memory["storage"] == "compressed"
+    assert memory["training_state_bytes"]["optimizer"] > memory["training_state_bytes"]["parameters"] > 0
+    assert memory["peak_bytes"] > memory["training_state_bytes"]["total"]
     # the callback's metrics, in a user's own Trainer
     cb = DSFPruneCallback(0.4, factorization_options={"outer_iters": 2}, progress=False)
     trainer(tmp_path, [cb]).fit(LlamaModule(), tokens(), tokens())

@@ -170,6 +170,13 @@ def test_resnet20_real_tiny_run_wandb_offline(tmp_path):
     assert summ["pre_finetune/val_acc"] == written["metrics"]["pre_finetune/val_acc"]  # the same floats
     assert summ["post_finetune/val_acc"] == written["metrics"]["post_finetune/val_acc"]
     assert summ["prune_seconds"] > 0 and summ["nnz"] <= 0.2 * summ["dense_numel"] and summ["version"]
+    # the fine-tune's own memory record: storage, training state read from the tensors, peak
+    memory = written["finetune_memory"]
+    assert summ["finetune_memory"] == memory and memory["peak_kind"] == "sampled RSS"
+    assert memory["storage"] == written["config"]["prune"]["storage"]
+    state = memory["training_state_bytes"]
+    assert state["total"] == state["parameters"] + state["gradients"] + state["optimizer"] + state["buffers"]
+    assert state["gradients"] == state["parameters"] and memory["peak_bytes"] > state["total"]
     # dsf-compare reads the run back once (results.json and its W&B copy are the same run)
     from dsf_lightning.runs import find_runs
 

@@ -193,6 +193,27 @@ def test_causal_lm_decays_compressed_values_as_matrices():
     assert not any(id(p) in decayed for n, p in model.named_parameters() if "norm" in n)
 
 
+def test_causal_lm_trains_compressed_by_default():
+    """CausalLM converts masked modules given to it (before its optimizer exists); None keeps them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dsf_lightning.models import CausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=32)
+    model = LlamaForCausalLM(cfg)
+    prune(model, 0.5, "magnitude", progress=False, storage="masked")
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    before = model(input_ids=ids).logits
+    CausalLM(model, storage=None)
+    assert {m.storage for _, m in pruned_modules(model)} == {"masked"}
+    CausalLM(model)
+    assert {m.storage for _, m in pruned_modules(model)} == {"compressed"}
+    assert torch.equal(model(input_ids=ids).logits, before)
+    with pytest.raises(ValueError, match=r"storage must be one of \('masked', 'compressed'\), got 'dense'"):
+        CausalLM(model, storage="dense")
+
+
 def test_callback_refuses_compressed_on_a_sharding_strategy():
     from lightning.pytorch.strategies import FSDPStrategy
 
@@ -201,3 +222,45 @@ def test_callback_refuses_compressed_on_a_sharding_strategy():
     with pytest.raises(ValueError, match=r"storage='compressed'\) supports single-device and DDP strategies .* "
                                          r"FSDPStrategy is not one: pass storage='masked'"):
         check_resizable(FSDPStrategy(), "DSFPruneCallback")
+
+
+class _Regression(__import__("lightning").pytorch.LightningModule):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.1)
+
+
+@pytest.mark.parametrize("storage", ["masked", "compressed"])
+def test_training_memory_reads_the_training_state_from_the_tensors(both, storage, tmp_path):
+    """A plain Trainer with TrainingMemory: parameters + gradients + AdamW's two moments and step counters +
+    buffers, byte for byte; the compressed storage holds less than the masked one."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dsf_lightning.callbacks import TrainingMemory
+
+    net = copy.deepcopy(dict(zip(("masked", "compressed"), both))[storage])
+    memory = TrainingMemory()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[memory],
+                         default_root_dir=tmp_path)
+    trainer.fit(_Regression(net), DataLoader(TensorDataset(torch.randn(8, 3, 6, 6)), batch_size=4))
+    params = list(net.parameters())
+    param_bytes = sum(4 * p.numel() for p in params)
+    state = memory.figures["training_state_bytes"]
+    assert memory.figures["storage"] == storage and memory.figures["peak_kind"] == "sampled RSS"
+    assert state["parameters"] == state["gradients"] == param_bytes
+    assert state["optimizer"] == 2 * param_bytes + 4 * len(params)  # exp_avg, exp_avg_sq; a float32 step each
+    assert state["buffers"] == sum(b.numel() * b.element_size() for b in net.buffers())
+    assert state["total"] == sum(v for k, v in state.items() if k != "total")
+    assert memory.figures["peak_bytes"] > state["total"]
+    nnz = sum(m.nnz for _, m in pruned_modules(net))
+    if storage == "compressed":
+        factors = sum(p.numel() for _, m in pruned_modules(net) for p in m.factor_parameters())
+        assert factors == nnz  # every trainable factor element is a nonzero

@@ -11,11 +11,13 @@ every step. Validation logs ``val_loss`` (mean next-token NLL over all scored to
 (``exp`` of it: a torchmetrics metric, synchronized across DDP ranks), the perplexity of
 :mod:`dsf_lightning.perplexity` on the same windows.
 
-Masks stay exact through every step: the pruned modules compute with ``param * mask``, so a masked
-entry gets an exactly zero gradient, and AdamW leaves a zero entry with zero gradient at zero (its
-moments stay zero and decoupled weight decay scales zero). Gradient clipping and bf16 autocast keep
-that. Checkpoints carry the structure spec (``checkpoint["dsf_structure"]``), so
-``CausalLM.load_from_checkpoint(path, model=<dense model>)`` rebuilds the pruned model.
+Masks stay exact through every step: in the compressed storage (the LLM default) only the nonzeros are
+parameters, so an entry outside a mask cannot even be held; in the masked one (``param * mask``) a masked
+entry gets an exactly zero gradient, and AdamW leaves a zero entry with zero gradient at zero (its moments
+stay zero and decoupled weight decay scales zero). Weight decay treats a compressed factor's 1-D values as
+the matrix they are. Gradient clipping and bf16 autocast keep that. Checkpoints carry the structure spec
+(``checkpoint["dsf_structure"]``), so ``CausalLM.load_from_checkpoint(path, model=<dense model>)`` rebuilds
+the pruned model.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
+from dsf_lightning.modules import Storage, check_storage, set_storage
 from dsf_lightning.structure import CHECKPOINT_KEY, PrunedCheckpointMixin, pruned_modules, structure_spec
 
 __all__ = ["PACKED_FILE", "CausalLM", "TokenPerplexity", "load_causal_lm", "load_packed_causal_lm", "lr_factor",
@@ -89,13 +92,19 @@ class CausalLM(PrunedCheckpointMixin, pl.LightningModule):
         min_lr_ratio: the final learning rate relative to ``lr``.
         gradient_checkpointing: recompute each decoder block's activations in the backward pass
             (transformers' ``gradient_checkpointing_enable``, non-reentrant): less memory, ~30% more time.
+        storage: the storage the pruned modules of ``model`` train in (:mod:`~dsf_lightning.modules.storage`):
+            ``"compressed"`` (default: the nonzeros are the parameters, so gradients and AdamW state scale
+            with them) converts masked modules present now; ``"masked"`` converts compressed ones; ``None``
+            keeps each as it is. Modules a ``DSFPruneCallback`` builds later take its own ``storage``.
     """
 
     def __init__(self, model: nn.Module, *, lr: float = 5e-5, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, warmup_steps: int = 0,
                  lr_schedule: Schedule = "cosine", min_lr_ratio: float = 0.0,
-                 gradient_checkpointing: bool = False) -> None:
+                 gradient_checkpointing: bool = False, storage: Storage | None = "compressed") -> None:
         super().__init__()
+        if storage is not None:
+            check_storage(storage)
         if lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {lr_schedule!r}")
         if not lr > 0:
@@ -108,6 +117,8 @@ class CausalLM(PrunedCheckpointMixin, pl.LightningModule):
             raise ValueError(f"CausalLM wraps a transformers causal LM (with a config), got {type(model).__name__}")
         self.save_hyperparameters(ignore=["model"])
         self.hparams["betas"] = list(betas)
+        if storage is not None:  # before any optimizer exists: the conversion makes new parameters
+            set_storage(model, storage)
         self.model = model
         self.val_ppl = TokenPerplexity()
         if gradient_checkpointing:

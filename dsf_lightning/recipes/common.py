@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from dsf_lightning import __version__
-from dsf_lightning.callbacks import DSFPruneCallback, FiniteLossGuard
+from dsf_lightning.callbacks import DSFPruneCallback, FiniteLossGuard, TrainingMemory
 from dsf_lightning.files import read_torch_file, save_torch_file, write_json, write_text
 from dsf_lightning.recipes.cli import ConfigParser
 from dsf_lightning.recipes.sections import RecipeConfig
@@ -34,6 +34,7 @@ __all__ = [
     "finish_wandb",
     "load_weights_file",
     "make_trainer",
+    "memory_figures",
     "make_wandb_logger",
     "prune_and_finetune",
     "recipe_main",
@@ -124,13 +125,14 @@ def finish_wandb(logger: Any) -> None:
 
 def make_trainer(config: RecipeConfig, *, max_epochs: int, callbacks: Sequence[Callback], logger: Any,
                  checkpoint_dir: str | None) -> pl.Trainer:
-    """The Lightning ``Trainer`` of a recipe stage (DDP by default on more than one device/node)."""
+    """The Lightning ``Trainer`` of a recipe stage (DDP by default on more than one device/node), with a
+    :class:`~dsf_lightning.callbacks.TrainingMemory` (:func:`memory_figures` reads it)."""
     run = config.run
     multi = (isinstance(run.devices, int) and run.devices > 1) or run.num_nodes > 1
     strategy = run.strategy or ("ddp" if multi else "auto")
     precision = run.precision or ("16-mixed" if torch.cuda.is_available() else "32")
     checkpoints = checkpoint_dir is not None and not run.fast_dev_run
-    cbs = [*callbacks, FiniteLossGuard()]
+    cbs = [*callbacks, FiniteLossGuard(), TrainingMemory()]
     if checkpoints:
         cbs.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="{epoch}-{val_acc:.4f}", monitor="val_acc",
                                    mode="max", save_top_k=1, save_last=True))
@@ -250,10 +252,17 @@ def prune_and_finetune(config: RecipeConfig, module: pl.LightningModule, datamod
         trainer.fit(module, datamodule=datamodule)
         if callback.report is not None:
             wandb_summary(logger, {**callback.metrics, "prune_seconds": callback.report.seconds,
-                                   "nnz": callback.report.nnz, "dense_numel": callback.report.dense_numel})
+                                   "nnz": callback.report.nnz, "dense_numel": callback.report.dense_numel,
+                                   "finetune_memory": memory_figures(trainer)})
     finally:
         finish_wandb(logger)
     return dict(callback.metrics), trainer
+
+
+def memory_figures(trainer: pl.Trainer) -> dict[str, Any]:
+    """The fine-tune's storage, training-state bytes and peak memory (``TrainingMemory.figures``) of
+    ``trainer``, or ``{}`` when it has no :class:`~dsf_lightning.callbacks.TrainingMemory`."""
+    return next((dict(c.figures) for c in trainer.callbacks if isinstance(c, TrainingMemory)), {})
 
 
 # ------------------------------------------------------------------------------------------------

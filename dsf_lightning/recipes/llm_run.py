@@ -36,7 +36,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from dsf_lightning import __version__
-from dsf_lightning.callbacks import FiniteLossGuard
+from dsf_lightning.callbacks import FiniteLossGuard, TrainingMemory
+from dsf_lightning.callbacks.memory import model_storage
 from dsf_lightning.data.text import TextDataModule, TextSource
 from dsf_lightning.distributed import distributed_executor, world
 from dsf_lightning.export import save_packed
@@ -44,7 +45,14 @@ from dsf_lightning.files import atomic_folder, write_json
 from dsf_lightning.models.causal_lm import PACKED_FILE, CausalLM, set_activation_checkpointing
 from dsf_lightning.perplexity import perplexity
 from dsf_lightning.pruning import prune
-from dsf_lightning.recipes.common import finish_wandb, identity, make_wandb_logger, wandb_summary, write_config
+from dsf_lightning.recipes.common import (
+    finish_wandb,
+    identity,
+    make_wandb_logger,
+    memory_figures,
+    wandb_summary,
+    write_config,
+)
 from dsf_lightning.report import PruneReport
 from dsf_lightning.runs import run_name
 from dsf_lightning.sequential import decoder_blocks
@@ -182,13 +190,14 @@ def _prune(prepared: LlamaPrepared, model: nn.Module, device: torch.device, prog
                  executor=distributed_executor(progress) if size > 1 else None, progress=progress)
 
 
-def _finetune(prepared: LlamaPrepared, model: nn.Module, logger: Any, progress: bool) -> int:
-    """Fine-tune ``model`` in place (``Trainer`` + ``CausalLM``); returns the optimizer steps taken."""
+def _finetune(prepared: LlamaPrepared, model: nn.Module, logger: Any, progress: bool) -> tuple[int, dict[str, Any]]:
+    """Fine-tune ``model`` in place (``Trainer`` + ``CausalLM``); returns the optimizer steps taken and the
+    fine-tune's memory figures (:class:`~dsf_lightning.callbacks.TrainingMemory`)."""
     config = prepared.config
     ft, run = config.finetune, config.run
     module = CausalLM(model, lr=ft.lr, weight_decay=ft.weight_decay, warmup_steps=ft.warmup,
                       lr_schedule=ft.lr_schedule, min_lr_ratio=ft.min_lr_ratio,
-                      gradient_checkpointing=config.model.gradient_checkpointing)
+                      gradient_checkpointing=config.model.gradient_checkpointing, storage=config.prune.storage)
     val = next(iter(prepared.evals.values())) if ft.val_every else None
     dm = TextDataModule(prepared.train, val, batch_size=ft.batch_size, num_workers=run.num_workers)
     trainer = pl.Trainer(
@@ -196,7 +205,8 @@ def _finetune(prepared: LlamaPrepared, model: nn.Module, logger: Any, progress: 
         precision=_precision(run), max_steps=ft.steps, max_epochs=-1,
         accumulate_grad_batches=ft.accumulate_grad_batches,
         gradient_clip_val=ft.gradient_clip_val, logger=logger if logger is not None else False,
-        callbacks=[FiniteLossGuard(), *([LearningRateMonitor(logging_interval="step")] if logger is not None else [])],
+        callbacks=[FiniteLossGuard(), TrainingMemory(),
+                   *([LearningRateMonitor(logging_interval="step")] if logger is not None else [])],
         enable_checkpointing=False, num_sanity_val_steps=0, val_check_interval=ft.val_every,
         check_val_every_n_epoch=None if ft.val_every else 1, limit_val_batches=None if ft.val_every else 0,
         log_every_n_steps=max(1, min(10, ft.steps)), enable_progress_bar=progress, enable_model_summary=False,
@@ -205,7 +215,7 @@ def _finetune(prepared: LlamaPrepared, model: nn.Module, logger: Any, progress: 
     trainer.fit(module, datamodule=dm)
     if config.model.gradient_checkpointing:
         set_activation_checkpointing(model, False)
-    return trainer.global_step
+    return trainer.global_step, memory_figures(trainer)
 
 
 def export_pruned(model: nn.Module, tokenizer: Any, output_dir: str, packed: bool = True, merged: bool = True
@@ -273,10 +283,10 @@ def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
         _log_report(logger, report)
         ppl["pre_finetune"] = _evaluate(prepared, model, device, progress)
         _log(logger, {f"pre_finetune/ppl/{n}": v for n, v in ppl["pre_finetune"].items()}, 0)
-        steps = 0
+        steps, finetune_memory = 0, {"storage": model_storage(model)}
         if ft.steps > 0:
             start = time.perf_counter()
-            steps = _finetune(prepared, model, logger, progress)
+            steps, finetune_memory = _finetune(prepared, model, logger, progress)
             seconds["finetune_seconds"] = time.perf_counter() - start
             ppl["post_finetune"] = _evaluate(prepared, model, device, progress)
         else:  # no fine-tuning: the model after zero steps is the pruned one
@@ -285,9 +295,10 @@ def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
         outside = nonzeros_outside_masks(model)  # the masks proved on the tensors; 0 unless something broke them
         wandb_summary(logger, {**{f"{stage}/ppl/{n}": v for stage, vals in ppl.items() for n, v in vals.items()},
                                **seconds, "nnz": report.nnz, "dense_numel": report.dense_numel,
-                               "nonzeros_outside_masks": outside})
+                               "nonzeros_outside_masks": outside, "finetune_memory": finetune_memory})
         result: dict[str, Any] = {"identity": who, "version": __version__, "perplexity": ppl, **seconds,
-                                  "prune_peak_memory": memory, "finetune_steps": steps, "world_size": size,
+                                  "prune_peak_memory": memory, "finetune_steps": steps,
+                                  "finetune_memory": finetune_memory, "world_size": size,
                                   "nonzeros_outside_masks": outside,
                                   "protocol": prepared.protocol, "prune": report.totals(), "layers": report.to_rows(),
                                   "config": config.to_dict()}

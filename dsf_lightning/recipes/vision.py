@@ -30,6 +30,7 @@ from dsf_lightning.recipes.common import (
     build_prune_callback,
     identity,
     load_weights_file,
+    memory_figures,
     prune_and_finetune,
     recipe_main,
     summary,
@@ -417,7 +418,8 @@ def _finetune(prepared: Prepared, module: pl.LightningModule, result: dict[str, 
                                           model=prepared.model, dataset=prepared.dataset,
                                           checkpoint_dir=os.path.join(out, "checkpoints"))
     result.update(identity=identity(config, prepared.model), version=__version__, metrics=metrics,
-                  finetune_seconds=time.perf_counter() - t, world_size=trainer.world_size)
+                  finetune_seconds=time.perf_counter() - t, finetune_memory=memory_figures(trainer),
+                  world_size=trainer.world_size)
     write_results(trainer, out, result)
     if trainer.is_global_zero:
         print(summary(run_name(result["identity"]), metrics))
