@@ -7,8 +7,9 @@ Runs are read by :func:`dsf_lightning.runs.find_runs` (recipe ``results.json`` f
 logs, offline W&B runs) and grouped by model, method, density and allocation. For every metric the
 table has one row per group and one column per stage (dense, before fine-tuning, after BatchNorm
 recalibration, after fine-tuning); a stage no run of the group reached shows as ``-`` (the group is
-kept). Each plot shows the metric against density, one line per method, before and after fine-tuning,
-with the dense model as a dashed line: the layout of the paper's figures.
+kept). Each plot (:func:`figure`) shows a single density as grouped bars per stage, and a sweep as the
+metric against density on a log axis, a line per method, a panel per stage: the layout of the paper's
+figures; seeds' spread as error bars, the dense model as a dashed line.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from dsf_lightning.runs import STAGES, RunRecord, find_runs
 
-__all__ = ["default_metrics", "group", "main", "markdown_table", "plot"]
+__all__ = ["default_metrics", "figure", "group", "main", "markdown_table", "plot"]
 
 STAGE_TITLES = {"dense": "dense", "pre_finetune": "before FT", "bn_recalibrated": "BN-recalibrated",
                 "post_finetune": "after FT"}
@@ -68,37 +70,79 @@ def markdown_table(records: Sequence[RunRecord], metric: str) -> str:
     return "\n".join(lines)
 
 
-def plot(records: Sequence[RunRecord], metric: str, path: str | Path, model: str) -> Path:
-    """``metric`` against density for ``model``'s runs, one line per method (and allocation), before and
-    after fine-tuning side by side, the dense model dashed; written as a PNG to ``path``."""
+def figure(records: Sequence[RunRecord], metric: str, model: str) -> Any:
+    """The matplotlib ``Figure`` of ``metric`` for ``model``'s runs (mean over seeds, the std as error bars,
+    the dense model as a dashed reference line).
+
+    One density: grouped bars on a categorical axis, a group per stage (before FT, BN-recalibrated, after FT)
+    and a bar per method, each labelled with its value. Several: a panel per stage, the metric against
+    density on a log axis (ticks at the densities run), a line per method (and allocation): the layout of
+    the paper's figures. Perplexities get a log metric axis.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
     runs = [r for r in records if r.model == model]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, stage in zip(axes, ("pre_finetune", "post_finetune")):
-        lines: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
-        for (_, method, density, allocation), members in group(runs).items():
-            st = _stats(members, stage, metric)
-            if st is not None:
-                lines.setdefault((method, allocation), []).append((density, st[0], st[1]))
-        for (method, allocation), pts in sorted(lines.items()):
-            xs, ys, es = zip(*sorted(pts))
-            label = method if allocation == "uniform" else f"{method} ({allocation})"
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
-        dense = [st[0] for members in group(runs).values() if (st := _stats(members, "dense", metric))]
+    groups = group(runs)
+    stages = [s for s in STAGES if s != "dense" and any(_stats(m, s, metric) for m in groups.values())]
+    densities = sorted({density for (_, _, density, _) in groups})
+    series: dict[tuple[str, str], dict[str, list[tuple[float, float, float]]]] = {}
+    for (_, method, density, allocation), members in groups.items():
+        for stage in stages:
+            if (st := _stats(members, stage, metric)) is not None:
+                series.setdefault((method, allocation), {}).setdefault(stage, []).append((density, st[0], st[1]))
+    dense = [st[0] for members in groups.values() if (st := _stats(members, "dense", metric))]
+    unit = metric + (" (%)" if _scale(metric) == 100 else "")
+
+    def label(method: str, allocation: str) -> str:
+        return method if allocation == "uniform" else f"{method} ({allocation})"
+
+    if len(densities) == 1:
+        fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(stages), 4))
+        width = 0.8 / max(1, len(series))
+        for i, ((method, allocation), by_stage) in enumerate(sorted(series.items())):
+            xs = [j for j, s in enumerate(stages) if s in by_stage]
+            means = [by_stage[stages[j]][0][1] for j in xs]
+            stds = [by_stage[stages[j]][0][2] for j in xs]
+            bars = ax.bar([x - 0.4 + width * (i + 0.5) for x in xs], means, width, yerr=stds, capsize=3,
+                          label=label(method, allocation))
+            ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+        ax.set_xticks(range(len(stages)), [STAGE_TITLES[s] for s in stages])
+        ax.set_title(f"{model}, density {densities[0]:g}")
+        axes = [ax]
+    else:
+        # each panel its own metric range: after fine-tuning the methods differ by points, before by tens
+        fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 4), squeeze=False)
+        axes = list(axes[0])
+        for ax, stage in zip(axes, stages):
+            for (method, allocation), by_stage in sorted(series.items()):
+                if stage in by_stage:
+                    xs, ys, es = zip(*sorted(by_stage[stage]))
+                    ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label(method, allocation))
+            ax.set_xscale("log")
+            ax.set_xticks(densities, [f"{d:g}" for d in densities])
+            ax.minorticks_off()
+            ax.set_title(f"{model}: {STAGE_TITLES[stage]}")
+            ax.set_xlabel("density (log scale)")
+            ax.grid(alpha=0.3)
+    for ax in axes:
         if dense:
             ax.axhline(statistics.fmean(dense), linestyle="--", color="gray", label="dense")
-        ax.set_title(f"{model}: {STAGE_TITLES[stage]}")
-        ax.set_xlabel("density")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(metric + (" (%)" if _scale(metric) == 100 else ""))
-    if metric.startswith("ppl/"):
-        axes[0].set_yscale("log")
-    axes[1].legend()
+        if metric.startswith("ppl/"):
+            ax.set_yscale("log")
+    axes[0].set_ylabel(unit)
+    axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
+    return fig
+
+
+def plot(records: Sequence[RunRecord], metric: str, path: str | Path, model: str) -> Path:
+    """:func:`figure` of ``metric`` for ``model``'s runs, written as a PNG to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(records, metric, model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -144,3 +144,36 @@ def test_dense_wandb_runs_and_tuple_hparams_are_read_without_error(tmp_path):
     records = sorted(find_runs([tmp_path]), key=lambda r: r.model)
     assert [(r.model, r.method) for r in records] == [("Net", "magnitude"), ("r20", "dsf")]
     assert records[0].metrics["pre_finetune"]["val_acc"] == 0.7  # float("0.7")
+
+
+def _sweep(densities, seeds=(0, 1)):
+    from dsf_lightning.runs import RunRecord
+
+    return [RunRecord("r20", method, d, seed, metrics={
+        "dense": {"val_acc": 0.99}, "pre_finetune": {"val_acc": base * d + 0.01 * seed},
+        "post_finetune": {"val_acc": 0.9 + base * d / 10 + 0.01 * seed}})
+        for method, base in (("dsf", 2.0), ("magnitude", 1.0)) for d in densities for seed in seeds]
+
+
+def test_one_density_is_drawn_as_grouped_bars_per_stage():
+    from dsf_lightning.compare import figure
+
+    fig = figure(_sweep([0.1]), "val_acc", "r20")
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["before FT", "after FT"]  # categories, not densities
+    assert ax.get_xscale() == "linear" and len(ax.patches) == 2 * 2  # a bar per method and stage
+    heights = sorted(round(p.get_height(), 6) for p in ax.patches)
+    assert heights == sorted(round(v, 6) for v in (20.5, 10.5, 92.5, 91.5))  # means over the 2 seeds, in %
+    assert any(line.get_linestyle() == "--" for line in ax.get_lines())  # the dense reference
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"dsf", "magnitude", "dense"}
+
+
+def test_a_sweep_has_a_log_density_axis_and_error_bars():
+    from dsf_lightning.compare import figure
+
+    fig = figure(_sweep([0.05, 0.1, 0.25]), "val_acc", "r20")
+    assert len(fig.axes) == 2  # before and after fine-tuning
+    for ax in fig.axes:
+        assert ax.get_xscale() == "log"
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["0.05", "0.1", "0.25"]
+        assert len(ax.containers) == 2  # an errorbar container per method: the seeds' spread
