@@ -23,7 +23,7 @@ from typing import Any
 
 from dsf_lightning.runs import STAGES, RunRecord, find_runs
 
-__all__ = ["default_metrics", "figure", "group", "main", "markdown_table", "plot"]
+__all__ = ["default_metrics", "figure", "group", "main", "markdown_table", "plot", "verdict"]
 
 STAGE_TITLES = {"dense": "dense", "pre_finetune": "before FT", "bn_recalibrated": "BN-recalibrated",
                 "post_finetune": "after FT"}
@@ -68,6 +68,35 @@ def markdown_table(records: Sequence[RunRecord], metric: str) -> str:
             cells.append("-" if st is None else f"{st[0]:.2f} +- {st[1]:.2f} ({st[2]})")
         lines.append(f"| {model} | {method} | {density:g} | {allocation} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def verdict(records: Sequence[RunRecord], metric: str = "val_acc", method: str = "dsf",
+            baseline: str = "magnitude", resolution: float = 0.0) -> str:
+    """One sentence, computed from the runs: where ``method`` leads, ties or trails ``baseline`` after
+    fine-tuning, per density. A difference of the seed means counts when it exceeds both the larger of the
+    two seed standard deviations and ``resolution`` (e.g. one validation sample, in the metric's units)."""
+    scale = _scale(metric)
+    by: dict[tuple[str, float], list[float]] = {}
+    for r in records:
+        if metric in r.metrics.get("post_finetune", {}):
+            by.setdefault((r.method, r.density), []).append(r.metrics["post_finetune"][metric] * scale)
+    sign = -1.0 if metric.startswith("ppl") else 1.0  # perplexity: lower is better
+    words: dict[str, list[str]] = {"leads": [], "ties": [], "trails": []}
+    for density in sorted({d for m, d in by if m == method and (baseline, d) in by}):
+        a, b = by[(method, density)], by[(baseline, density)]
+        diff = statistics.fmean(a) - statistics.fmean(b)
+        spread = max(statistics.stdev(x) if len(x) > 1 else 0.0 for x in (a, b))
+        # runs log float32 metrics: a difference of exactly one sample must stay a tie after their rounding
+        slack = 4 * 2.0 ** -23 * max(abs(v) for v in a + b)
+        word = ("ties" if abs(diff) <= max(spread, resolution) + slack
+                else "leads" if sign * diff > 0 else "trails")
+        words[word].append(f"{density:g} ({diff:+.2f}, seed std {spread:.2f})")
+    if not any(words.values()):
+        return f"No density has fine-tuned runs of both {method} and {baseline}."
+    parts = [f"{w} {baseline if i == 0 else 'it'} at {', '.join(ds)}"
+             for i, (w, ds) in enumerate((w, ds) for w, ds in words.items() if ds)]
+    return (f"After fine-tuning, {method} " + "; ".join(parts) + f" (difference of the seed means of {metric}, "
+            f"{baseline} as the reference; a tie is within the larger seed std or {resolution:.2f}).")
 
 
 def figure(records: Sequence[RunRecord], metric: str, model: str) -> Any:

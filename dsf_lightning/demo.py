@@ -4,17 +4,19 @@
 ``recipes/resnet20_cifar10.py`` on its offline default, scikit-learn's 1,797 real 8x8 digits
 (upsampled to 3x16x16, stratified 80/20 train/val split). It trains a ResNet-20 of width 32 (the
 paper's "Resnet-20-32") densely for 30 epochs (SGD lr 0.1, momentum 0.9, batch 32, weight decay
-5e-3, lr x0.1 at 50% and 75% of the epochs); then, for each method, starts from the same dense
-weights, prunes every layer but the first conv and the last linear to the density (data-free
-weight projection, as in the paper's fine-tuning experiments, section 5.4), evaluates, re-estimates
-the BatchNorm statistics on 10 training batches and evaluates again (the paper does not;
-``--bn-recalibration-batches 0`` skips it), fine-tunes 2 epochs (lr 0.1 decaying linearly to zero)
-and evaluates again. It prints the table of dense / pre-fine-tuning / BN-recalibrated /
-post-fine-tuning validation accuracy per method -- the shape of the paper's Table 3 --, writes
-``<output dir>/<run name>/results.json`` per method and one offline W&B run per stage under ``./wandb``
-(project ``dsf-digits``, group ``resnet20-32-digits``), and ends with the ``dsf-compare`` table of every
-run in the output folder and its plot (``<output dir>/resnet20-32-val_acc.png``). Deterministic for a
-given ``--seed`` on CPU; nothing is downloaded.
+5e-3, lr x0.1 at 50% and 75% of the epochs); then, for every density of the sweep (0.1, 0.05, 0.02),
+every seed (0, 1: pruning and the fine-tuning data order) and each method, starts from the same dense
+weights, prunes every layer but the first conv and the last linear to the density (data-free weight
+projection, as in the paper's fine-tuning experiments, section 5.4), evaluates, re-estimates the
+BatchNorm statistics on 10 training batches and evaluates again (the paper does not;
+``--bn-recalibration-batches 0`` skips it), fine-tunes 2 epochs (lr 0.01 decaying linearly to zero:
+at 0.1, the recipe's CIFAR rate, fine-tuning lowered DSF below its BN-recalibrated accuracy; RESULTS.md,
+"Demo fine-tuning") and evaluates again. Each run writes ``<output dir>/<run name>/results.json`` and an
+offline W&B run under ``./wandb`` (project ``dsf-digits``, group ``resnet20-32-digits``). It ends with the
+``dsf-compare`` table of its runs (mean +- std over the seeds, a column per stage), one sentence computed
+from it (:func:`~dsf_lightning.compare.verdict`: where DSF leads, ties or trails magnitude after
+fine-tuning) and the plot (``<output dir>/resnet20-32-val_acc.png``). Deterministic for given seeds on
+CPU; nothing is downloaded.
 
 Why the dense defaults differ from the paper's CIFAR-10 recipe (160 epochs, weight decay 1e-4 or
 5e-4, ~62k SGD steps): the demo has 15 minutes on 2 CPU cores, i.e. ~1,350 steps. After 10 epochs
@@ -42,7 +44,7 @@ import lightning.pytorch as pl
 
 from dsf_lightning import __version__
 from dsf_lightning.allocation import ALLOCATIONS
-from dsf_lightning.compare import markdown_table, plot
+from dsf_lightning.compare import markdown_table, plot, verdict
 from dsf_lightning.config import PruneConfig
 from dsf_lightning.files import write_json
 from dsf_lightning.recipes import (
@@ -62,13 +64,20 @@ from dsf_lightning.recipes import (
 )
 from dsf_lightning.runs import find_runs, run_name
 
+#: the sweep of ``make demo``: one density at or below 0.05, where the methods separate
+DENSITIES = (0.1, 0.05, 0.02)
+#: fine-tuning's peak learning rate (measured: RESULTS.md, "Demo fine-tuning")
+FINETUNE_LR = 0.01
+
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, ResNet20Config]:
     """The demo's options and the ResNet-20 recipe config they describe (method: the first one)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=["dsf", "magnitude"], choices=RECIPE_METHODS,
                    help="methods to compare, each from the same dense weights (default: dsf magnitude)")
-    p.add_argument("--density", type=float, default=0.1, help="kept fraction per pruned layer (default: 0.1)")
+    p.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES),
+                   help=f"kept fractions per pruned layer, a run per density, method and seed (default: "
+                        f"{' '.join(map(str, DENSITIES))})")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
                    help="how the density is spread over the layers (default: uniform, every layer at --density; "
                         "global: the model-wide budget, equal marginal error per nonzero)")
@@ -85,7 +94,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, ResNe
     p.add_argument("--bn-recalibration-batches", type=int, default=10,
                    help="N > 0: also re-estimate BatchNorm statistics on N train batches after pruning and report "
                         "that accuracy; 0 skips it, as in the paper (default: 10)")
-    p.add_argument("--seed", type=int, default=0, help="seed of init, data split/order and pruning (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dense model's init and data split (default: 0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                   help="seeds of pruning and fine-tuning (data order), each from the same dense weights; the "
+                        "table gives mean and std over them (default: 0 1)")
+    p.add_argument("--finetune-lr", type=float, default=FINETUNE_LR,
+                   help=f"peak SGD learning rate of fine-tuning, decaying linearly to zero (default: {FINETUNE_LR})")
     p.add_argument("--wandb", choices=("auto", "online", "offline", "off"), default="auto",
                    help="W&B logging (default: auto = offline without credentials)")
     p.add_argument("--output-dir", default=os.path.join("lightning_logs", "demo"),
@@ -101,8 +115,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, ResNe
             data=ResNet20DataConfig(dataset="digits", image_size=opts.image_size),
             model=ResNet20ModelConfig(width=opts.width),
             dense=DenseConfig(epochs=opts.dense_epochs),
-            prune=_prune(opts, opts.methods[0]),
-            finetune=FinetuneConfig(max_epochs=opts.finetune_epochs, lr=0.1, batch_size=opts.batch_size,
+            prune=_prune(opts, opts.methods[0], opts.densities[0], opts.seeds[0]),
+            finetune=FinetuneConfig(max_epochs=opts.finetune_epochs, lr=opts.finetune_lr, batch_size=opts.batch_size,
                                     weight_decay=opts.weight_decay,
                                     bn_recalibration_batches=opts.bn_recalibration_batches),
             run=RunConfig(num_workers=0, accelerator="cpu", precision="32", seed=opts.seed, progress_bar=False),
@@ -112,9 +126,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, ResNe
     return opts, config
 
 
-def _prune(opts: argparse.Namespace, method: str) -> PruneConfig:
+def _prune(opts: argparse.Namespace, method: str, density: float, seed: int) -> PruneConfig:
     # the DSF options would be unknown options of the baselines
-    return PruneConfig(density=opts.density, method=method, family="vision", seed=opts.seed,
+    return PruneConfig(density=density, method=method, family="vision", seed=seed,
                        allocation=opts.allocation,
                        factorization_options=opts.factorization_options if method == "dsf" else {})
 
@@ -126,11 +140,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     model = f"resnet20-{opts.width}"
     start = time.perf_counter()
-    # every method's config and callback is built (and so checked) before training starts
+    # every run's config and callback is built (and so checked) before training starts
     runs = {}
-    for method in opts.methods:
-        run_config = replace(config, prune=_prune(opts, method))
-        runs[method] = run_config, build_prune_callback(run_config)
+    for density in opts.densities:
+        for seed in opts.seeds:
+            for method in opts.methods:
+                run_config = replace(config, prune=_prune(opts, method, density, seed),
+                                     run=replace(config.run, seed=seed))
+                runs[(density, seed, method)] = run_config, build_prune_callback(run_config)
     dm = DigitsDataModule(batch_size=config.finetune.batch_size, num_workers=0, seed=config.run.seed,
                           image_size=config.data.image_size)
 
@@ -151,8 +168,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     dense_state = copy.deepcopy(backbone.state_dict())
 
     results: dict[str, dict[str, float]] = {}
-    for method, (run_config, callback) in runs.items():
-        pl.seed_everything(config.run.seed, workers=True)  # same fine-tuning data order for every method
+    run_dirs = []
+    for (density, seed, method), (run_config, callback) in runs.items():
+        pl.seed_everything(seed, workers=True)  # same fine-tuning data order for every method of a seed
         pruned = resnet20(num_classes=dm.num_classes, width=opts.width)
         pruned.load_state_dict(dense_state)
         module = ImageClassifier(pruned, dm.num_classes, lr=ft.lr, momentum=ft.momentum,
@@ -162,34 +180,25 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                                         checkpoint_dir=None)
         metrics["seconds"] = time.perf_counter() - t
         metrics["prune_seconds"] = callback.report.seconds
-        results[method] = metrics
         who = identity(run_config, model)
-        run_dir = os.path.join(opts.output_dir, run_name(who))
-        write_json(os.path.join(run_dir, "results.json"), {"identity": who, "version": __version__, "metrics": metrics,
-                                                           "prune": callback.report.totals(),
-                                                           "config": run_config.to_dict()})
-        print(f"{method}: pre-fine-tune {100 * metrics['pre_finetune/val_acc']:.2f}%, post-fine-tune "
-              f"{100 * metrics['post_finetune/val_acc']:.2f}% ({metrics['seconds']:.0f}s)", flush=True)
+        results[run_name(who)] = metrics
+        run_dirs.append(os.path.join(opts.output_dir, run_name(who)))
+        write_json(os.path.join(run_dirs[-1], "results.json"),
+                   {"identity": who, "version": __version__, "metrics": metrics, "prune": callback.report.totals(),
+                    "config": run_config.to_dict()})
+        print(f"{method} d{density:g} s{seed}: pre-fine-tune {100 * metrics['pre_finetune/val_acc']:.2f}%, "
+              f"post-fine-tune {100 * metrics['post_finetune/val_acc']:.2f}% ({metrics['seconds']:.0f}s)", flush=True)
 
-    recal = opts.bn_recalibration_batches > 0
-    head = ("| method | density | dense | pre-fine-tune |" + (" BN-recalibrated |" if recal else "")
-            + " post-fine-tune |")
-    print(f"\nResNet-20 (width {opts.width}) on scikit-learn digits ({opts.image_size}x{opts.image_size}, 360 val "
-          f"images), val top-1 accuracy %, "
-          f"seed {config.run.seed}; {config.dense.epochs} dense + {ft.max_epochs} fine-tuning epochs, "
-          f"data-free pruning, {opts.allocation} allocation")
-    print(head)
-    print("|" + "---|" * (head.count("|") - 1))
-    for method, m in results.items():
-        cells = [method, f"{opts.density:g}", f"{100 * m['dense/val_acc']:.2f}",
-                 f"{100 * m['pre_finetune/val_acc']:.2f}"]
-        if recal:
-            cells.append(f"{100 * m['bn_recalibrated/val_acc']:.2f}")
-        cells.append(f"{100 * m['post_finetune/val_acc']:.2f}")
-        print("| " + " | ".join(cells) + " |")
-    # the same table and plot as `dsf-compare <output dir>`, over every run the demo has written there
-    records = find_runs([opts.output_dir])
-    print("\n`dsf-compare " + opts.output_dir + "`:\n" + markdown_table(records, "val_acc"))
+    # the same table and plot as `dsf-compare`, over this invocation's runs
+    records = find_runs(run_dirs)
+    val = len(dm.val_set)  # setup() ran in the first fit
+    print(f"\nResNet-20 (width {opts.width}) on scikit-learn digits ({opts.image_size}x{opts.image_size}), "
+          f"{config.dense.epochs} dense epochs, then per density, method and seed {ft.max_epochs} fine-tuning "
+          f"epochs (lr {ft.lr:g} linear to 0), data-free pruning, {opts.allocation} allocation; "
+          f"`dsf-compare {' '.join(run_dirs[:1])} ...`:\n" + markdown_table(records, "val_acc"))
+    if len(opts.methods) > 1 and "dsf" in opts.methods:
+        baseline = next(m for m in opts.methods if m != "dsf")
+        print("\n" + verdict(records, "val_acc", "dsf", baseline, resolution=100.0 / val))
     print(f"plot: {plot(records, 'val_acc', os.path.join(opts.output_dir, f'{model}-val_acc.png'), model)}")
     print(f"\ntotal {time.perf_counter() - start:.0f}s")
     return results

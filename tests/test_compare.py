@@ -177,3 +177,28 @@ def test_a_sweep_has_a_log_density_axis_and_error_bars():
         assert ax.get_xscale() == "log"
         assert [t.get_text() for t in ax.get_xticklabels()] == ["0.05", "0.1", "0.25"]
         assert len(ax.containers) == 2  # an errorbar container per method: the seeds' spread
+
+
+def test_verdict_is_computed_from_the_seed_means_and_spread():
+    from dsf_lightning.compare import verdict
+    from dsf_lightning.runs import RunRecord
+
+    def runs(method, density, accs):
+        return [RunRecord("r20", method, density, s, metrics={"post_finetune": {"val_acc": a}})
+                for s, a in enumerate(accs)]
+
+    records = (runs("dsf", 0.05, [0.95, 0.96]) + runs("magnitude", 0.05, [0.90, 0.91])  # +5 points: leads
+               + runs("dsf", 0.1, [0.97, 0.99]) + runs("magnitude", 0.1, [0.975, 0.98])  # +0.25 < std 1.41: tie
+               + runs("dsf", 0.3, [0.980, 0.980]) + runs("magnitude", 0.3, [0.990, 0.990]))  # -1 point: trails
+    text = verdict(records, "val_acc", "dsf", "magnitude", resolution=0.28)
+    assert text.startswith("After fine-tuning, dsf leads magnitude at 0.05 (+5.00, seed std 0.71); "
+                           "ties it at 0.1 (+0.25, seed std 1.41); trails it at 0.3 (-1.00, seed std 0.00)")
+    # one validation sample is the finest difference that counts
+    coarse = verdict(records, "val_acc", "dsf", "magnitude", resolution=1.5)
+    assert "ties it at 0.1 (+0.25, seed std 1.41), 0.3 (-1.00, seed std 0.00)" in coarse and "trails" not in coarse
+    assert verdict(records[:2], "val_acc", "dsf", "magnitude").startswith("No density has fine-tuned runs")
+    # one image of 360 apart, accuracies as a run stores them: a tie at the resolution of one image
+    f32 = lambda x: float(torch.tensor(x, dtype=torch.float32))  # noqa: E731  (as Lightning logs them)
+    one_image = (runs("dsf", 0.05, [f32(359 / 360), f32(358 / 360)])
+                 + runs("magnitude", 0.05, [f32(357 / 360), f32(358 / 360)]))
+    assert "ties magnitude at 0.05" in verdict(one_image, "val_acc", "dsf", "magnitude", resolution=100 / 360)
