@@ -341,7 +341,7 @@ def install(model: nn.Module, plan: PrunePlan, results: Mapping[str, LayerResult
 
 def prune(
     model: nn.Module,
-    config: PruneConfig | float,
+    config: PruneConfig | float | None = None,
     method: str | None = None,
     *,
     calibration: Iterable | None = None,
@@ -355,9 +355,11 @@ def prune(
 
     Args:
         model: any ``nn.Module`` (torchvision/timm CNNs and ViTs, HF causal LMs, ...).
-        config: a :class:`~dsf_lightning.config.PruneConfig`, or its ``density``: then ``method`` (default
-            ``"dsf"``) and any other ``PruneConfig`` field as keyword arguments (``include``, ``exclude``,
-            ``family``, ``densities``, ``factorization_options``, ``forward_mode``, ...).
+        config: a :class:`~dsf_lightning.config.PruneConfig`, or its ``density`` (positional or
+            ``density=``): then ``method`` (default ``"dsf"``) and any other ``PruneConfig`` field as keyword
+            arguments (``include``, ``exclude``, ``family``, ``densities``, ``factorization_options``,
+            ``forward_mode``, ``storage``, ...): ``prune(model, 0.3)``, ``prune(model, density=0.3,
+            method="wanda", calibration=...)`` and ``prune(model, PruneConfig(0.3))`` are the same call.
         calibration: batches for layer-wise pruning (all of them, or ``config.calibration_batches``);
             input Grams of all targets are recorded in one pass (eval mode, no grad). ``None``:
             data-free projection (``G = I``).
@@ -382,6 +384,14 @@ def prune(
         if method is not None or config_fields:
             raise ValueError("pass either a PruneConfig or density/method/keyword fields, not both")
     else:
+        if "density" in config_fields:
+            if config is not None:
+                raise ValueError(f"density given twice: {config!r} (positional) and density="
+                                 f"{config_fields['density']!r}")
+            config = config_fields.pop("density")
+        if config is None:
+            raise ValueError("prune needs a density: prune(model, 0.5), prune(model, density=0.5) or "
+                             "prune(model, PruneConfig(density=0.5, ...))")
         config_fields.setdefault("calibration_batches", None if given else 0)
         config = PruneConfig(density=config, method=method or "dsf", **config_fields)
     if given != config.calibrated:

@@ -326,6 +326,33 @@ def test_bad_arguments_fail_before_work(kwargs, match, no_factorize):
     assert_unchanged(model, snap)
 
 
+def test_density_by_keyword_positional_or_config_is_the_same_prune():
+    from dsf_lightning.config import PruneConfig
+
+    made = []
+    for call in (lambda m: prune(m, density=0.3, method="magnitude", progress=False),
+                 lambda m: prune(m, 0.3, "magnitude", progress=False),
+                 lambda m: prune(m, PruneConfig(density=0.3, method="magnitude"), progress=False)):
+        torch.manual_seed(0)  # the same random model each time
+        model = llama()
+        call(model)
+        made.append(model.state_dict())
+    for other in made[1:]:
+        assert other.keys() == made[0].keys() and all(torch.equal(other[k], made[0][k]) for k in other)
+
+
+@pytest.mark.parametrize("args, kwargs, match", [
+    ((), {}, r"prune needs a density: prune\(model, 0.5\), prune\(model, density=0.5\)"),
+    ((0.3,), {"density": 0.4}, r"density given twice: 0.3 \(positional\) and density=0.4"),
+])
+def test_density_missing_or_given_twice(args, kwargs, match, no_factorize):
+    model = llama()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        prune(model, *args, progress=False, **kwargs)
+    assert_unchanged(model, snap)
+
+
 def test_dsf_square_share_too_large_fails_before_work(no_factorize):
     model = small_cnn()
     snap = snapshot(model)

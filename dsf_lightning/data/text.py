@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -325,11 +325,6 @@ def calibration_windows(tokenizer: Any, source: TextSource, seq_len: int, sample
     stream = token_stream(tokenizer, source, max_tokens=max_tokens, seed=seed)
     what = f"calibration text {source.name!r} ({source.origin})"
     return random_windows(stream, seq_len, samples, seed, what=what), stream
-
-
-def batches_of(windows: Tensor, batch_size: int) -> Iterator[Tensor]:
-    """``windows`` in consecutive batches of at most ``batch_size`` rows."""
-    yield from windows.split(batch_size)
 
 
 # ------------------------------------------------------------------------------------------------

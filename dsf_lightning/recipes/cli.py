@@ -31,7 +31,7 @@ import yaml
 
 __all__ = ["Config", "ConfigParser", "Flag", "flag", "from_data", "group", "load_yaml", "merge", "to_data"]
 
-C = TypeVar("C")
+C = TypeVar("C", bound="Config")
 
 
 class Config:
@@ -318,6 +318,6 @@ class ConfigParser(Generic[C]):
                     node[key] = copy.deepcopy(value)
         config = _build(self.config_cls, data, "", self.flag_names)
         if given.get("print_config"):
-            print(yaml.safe_dump(to_data(config), sort_keys=False), end="")
+            print(config.to_yaml(), end="")
             self.parser.exit(0)
         return config

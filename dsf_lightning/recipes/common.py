@@ -271,9 +271,7 @@ def memory_figures(trainer: pl.Trainer) -> dict[str, Any]:
 @rank_zero_only
 def write_config(config: RecipeConfig, output_dir: str) -> None:
     """``output_dir/config.yaml``: the resolved run config, loadable with ``--config`` (rank zero)."""
-    import yaml
-
-    write_text(os.path.join(output_dir, "config.yaml"), yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_text(os.path.join(output_dir, "config.yaml"), config.to_yaml())
 
 
 def write_results(trainer: pl.Trainer, output_dir: str, result: Mapping[str, Any]) -> None:

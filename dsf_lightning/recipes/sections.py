@@ -143,6 +143,8 @@ class RecipeConfig(Protocol):
 
     def to_dict(self) -> dict[str, Any]: ...
 
+    def to_yaml(self) -> str: ...
+
 
 # ------------------------------------------------------------------------------------------------
 # flags of the shared sections
