@@ -60,6 +60,7 @@ from dsf_lightning.pruning import (
 from dsf_lightning.report import PruneReport
 from dsf_lightning.sequential import prune_blocks
 from dsf_lightning.structure import CHECKPOINT_KEY, nonzeros_outside_masks, structure_spec
+from dsf_lightning.targets import unsupported
 
 __all__ = ["DSFPruneCallback"]
 
@@ -138,10 +139,10 @@ class DSFPruneCallback(Callback):
         if self.config.storage == "compressed":
             check_resizable(trainer.strategy, "DSFPruneCallback")
         plan = plan_prune(pl_module, self.config)
-        unsupported = {n: r for n, r in plan.skipped.items() if "not a supported layer type" in r}
-        if unsupported:
-            rank_zero_warn(f"DSFPruneCallback: skipping {len(unsupported)} unsupported layer(s) matched by the "
-                           f"targets: {unsupported}")
+        other_types = unsupported(pl_module, plan.skipped)
+        if other_types:
+            rank_zero_warn(f"DSFPruneCallback: skipping {len(other_types)} unsupported layer(s) matched by the "
+                           f"targets: {other_types}")
         if self.config.calibrated:  # no calibration data: fail now, before the model changes
             loader = self.calibration_loader if self.calibration_loader is not None else self._train_loader(trainer)
             if hasattr(loader, "__len__") and len(loader) == 0:

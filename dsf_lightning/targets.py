@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from torch import nn
@@ -19,7 +19,8 @@ from torch import nn
 from dsf_lightning.layers import SUPPORTED, layer_kind
 from dsf_lightning.modules import ConvGeometry, DSFLinear, SparseLinear, is_pruned_module
 
-__all__ = ["FAMILIES", "Family", "as_patterns", "block_stacks", "detect_family", "find_targets", "matching"]
+__all__ = ["FAMILIES", "Family", "as_patterns", "block_stacks", "detect_family", "find_targets", "matching",
+           "unsupported"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,12 @@ def detect_family(model: nn.Module) -> Family:
 def _prunable(m: nn.Module) -> bool:
     """A dense prunable layer or an already pruned one (so a second prune finds it and refuses)."""
     return layer_kind(m) is not None or is_pruned_module(m)
+
+
+def unsupported(model: nn.Module, skipped: Mapping[str, str]) -> dict[str, str]:
+    """The entries of ``skipped`` (:func:`find_targets`) whose module is not a supported layer type at all
+    (an ``include`` pattern named it), decided by the module's type, not by the reason's wording."""
+    return {n: r for n, r in skipped.items() if not _prunable(model.get_submodule(n))}
 
 
 def block_stacks(model: nn.Module) -> list[str]:

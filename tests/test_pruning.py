@@ -191,6 +191,10 @@ def test_grouped_conv_is_skipped_with_reason():
     assert [r.name for r in report.layers] == ["0", "3", "6"]
     assert "groups=8" in report.skipped["1"] and "not a supported layer type" in report.skipped["2"]
     assert type(model[1]) is nn.Conv2d and isinstance(model[0], SparseConv2d)
+    # the unsupported types among the skipped, by the module's type (the grouped conv is a supported one)
+    from dsf_lightning.targets import unsupported
+
+    assert set(unsupported(model, report.skipped)) == {"2", "4", "5"}  # ReLU, pool, flatten; not "1"
 
 
 def test_include_exclude_regex_and_glob():
