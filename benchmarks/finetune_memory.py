@@ -4,8 +4,8 @@ Two parts, each a table of the rows dense, single mask, DSF masked and DSF compr
 
 * ``meta``: LLaMA-2-7B shapes, training state only. Trainable elements x (fp32 parameter + gradient + AdamW's
   two moments = 16 bytes) + every buffer's bytes, read from the tensors of the project's own modules: one module
-  per distinct shape (masked ones on the meta device; compressed ones on the CPU with a random pattern at the
-  layer's nnz budget, since the values count is data), counted once per layer of that shape.
+  per distinct shape (masked ones on the meta device; compressed ones on the CPU with :func:`magnitude_pattern_`
+  at the layer's nnz budget, since the values count is data), counted once per layer of that shape.
 * ``smollm2``: the real SmolLM2-135M fine-tuned through :class:`~dsf_lightning.models.CausalLM` in a plain
   ``Trainer`` (AdamW, activation checkpointing), each row in its own process, one after the other. Per row,
   from :class:`~dsf_lightning.callbacks.TrainingMemory` (what every recipe run records): the training state
@@ -39,7 +39,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsf_lightning.factorization import nnz_budget  # noqa: E402
-from dsf_lightning.modules import DSFLinear, MaskedLayer, SparseLinear  # noqa: E402
+from dsf_lightning.modules import DSFLinear, MaskedLayer, SparseLinear, pruned_module  # noqa: E402
 
 GIB, MIB = 2 ** 30, 2 ** 20
 ADAMW_BYTES = 16  # fp32 parameter, gradient, exp_avg, exp_avg_sq
@@ -56,20 +56,6 @@ def state_bytes(m: nn.Module) -> int:
     """Trainable elements x 16 bytes + buffer bytes."""
     params = sum(p.numel() for p in m.parameters() if p.requires_grad) * ADAMW_BYTES
     return params + sum(b.numel() * b.element_size() for b in m.buffers())
-
-
-def random_pattern_(m: MaskedLayer, density: float, seed: int = 0) -> None:
-    """Masks with the layer's nnz budget in total, spread over the factors by their sizes; random values."""
-    g = torch.Generator().manual_seed(seed)
-    budget = nnz_budget(density, m.out_dim * m.fan_in)
-    sizes = [torch.Size(m.factor_shape(n)).numel() for n in m.factor_names]
-    counts = [budget * s // sum(sizes) for s in sizes[:-1]]
-    counts.append(budget - sum(counts))
-    for name, size, k in zip(m.factor_names, sizes, counts):
-        flat = torch.zeros(size, dtype=torch.bool)
-        flat[torch.randperm(size, generator=g)[:k]] = True
-        shape = m.factor_shape(name)
-        m.set_factor_(name, torch.randn(shape, generator=g) / shape[-1] ** 0.5, flat.view(shape))
 
 
 @torch.no_grad()
@@ -99,12 +85,11 @@ def layer_state(row: str, out: int, in_: int, density: float) -> int:
         return (out * in_) * ADAMW_BYTES
     if row == "single mask":
         return state_bytes(SparseLinear(in_, out, bias=False, device="meta"))
-    m = DSFLinear(in_, out, min(out, in_), bias=False, device="meta" if row == "DSF masked" else "cpu")
     if row == "DSF masked":
-        return state_bytes(m)
-    random_pattern_(m, density)
-    m.set_storage_("compressed")
-    return state_bytes(m)
+        return state_bytes(DSFLinear(in_, out, min(out, in_), bias=False, device="meta"))
+    m = pruned_module(nn.Linear(in_, out, bias=False), two_factor=True)  # the values count is data: on the CPU
+    magnitude_pattern_(m, density)
+    return state_bytes(m.set_storage_("compressed"))
 
 
 def meta(args: argparse.Namespace) -> None:
