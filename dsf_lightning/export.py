@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from dsf_lightning.files import atomic_path
 from dsf_lightning.modules import DSFLinear, SparseLinear
-from dsf_lightning.modules.storage import pack_bits, scatter_values, unpack_bits
+from dsf_lightning.modules.storage import factor_keys, pack_bits, scatter_values, unpack_bits
 from dsf_lightning.structure import pruned_modules, replace_module, structure_applied, structure_spec
 
 __all__ = [
@@ -79,11 +79,6 @@ _UNVERIFIED_VERSIONS = ("2",)  # written before the digest: loaded without it
 
 
 # ------------------------------------------------------------------------------------ model helpers
-
-def _factor_keys(factor: str) -> tuple[str, ...]:
-    """The state-dict keys of a factor in either storage (relative to its module)."""
-    return factor, f"{factor}_mask", f"{factor}_values", f"{factor}_bits"
-
 
 def _prefix(name: str) -> str:
     return f"{name}." if name else ""
@@ -145,7 +140,7 @@ def pack_model(model: nn.Module, dtype: torch.dtype | None = torch.float16
             mask = m.factor_mask(pname)
             tensors[f"{p}{pname}.values"] = cast(m.factor(pname).detach()[mask]).cpu().contiguous()
             tensors[f"{p}{pname}.mask"] = pack_bits(mask).cpu()
-            for k in _factor_keys(pname):
+            for k in factor_keys(pname):
                 state.pop(p + k, None)
     for k, v in state.items():
         tensors[k] = cast(v.detach()).cpu().contiguous()
@@ -243,7 +238,7 @@ def load_packed(model: nn.Module, path: str | Path) -> nn.Module:
                     raise ValueError(f"load_packed: layer {name!r} parameter {pname}: {values.numel()} values for "
                                      f"{int(mask.sum())} mask bits")
                 m.set_factor_(pname, scatter_values(values, mask), mask)
-                expected -= {p + k for k in _factor_keys(pname)}
+                expected -= {p + k for k in factor_keys(pname)}
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         if missing or unexpected:
             raise ValueError(f"load_packed: state mismatch: missing {missing[:10]}, unexpected {unexpected[:10]}")

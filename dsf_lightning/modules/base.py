@@ -19,7 +19,14 @@ from torch import Tensor, nn
 
 from dsf_lightning.factorization import Factorization
 from dsf_lightning.layers import PAD_MODES, explicit_padding, layer_kind, pair
-from dsf_lightning.modules.storage import Storage, check_storage, pack_bits, scatter_values, unpack_bits
+from dsf_lightning.modules.storage import (
+    Storage,
+    check_storage,
+    factor_keys,
+    pack_bits,
+    scatter_values,
+    unpack_bits,
+)
 
 __all__ = ["ConvGeometry", "IntPair", "MaskedLayer", "check_factorization"]
 
@@ -149,11 +156,10 @@ class MaskedLayer(nn.Module):
         storage = check_storage(storage)
         if storage == self._storage:
             return self
-        held = {n: (self.factor(n).detach(), self.factor_mask(n).clone(),
-                    self._parameters[n if self._storage == "masked" else f"{n}_values"].requires_grad)
-                for n in self.factor_names}
+        held = {n: (self.factor(n).detach(), self.factor_mask(n).clone(), p.requires_grad)
+                for n, p in zip(self.factor_names, self.factor_parameters())}
         for name in self.factor_names:
-            for key in (name, f"{name}_mask", f"{name}_values", f"{name}_bits"):
+            for key in factor_keys(name):
                 self._parameters.pop(key, None)
                 self._buffers.pop(key, None)
         self._storage = storage

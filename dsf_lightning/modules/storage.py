@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["STORAGES", "Storage", "check_storage", "pack_bits", "scatter_values", "unpack_bits"]
+__all__ = ["STORAGES", "Storage", "check_storage", "factor_keys", "pack_bits", "scatter_values", "unpack_bits"]
 
 Storage = Literal["masked", "compressed"]
 STORAGES: tuple[Storage, ...] = ("masked", "compressed")
@@ -32,6 +32,12 @@ def check_storage(storage: str) -> Storage:
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
     return storage  # type: ignore[return-value]
+
+
+def factor_keys(factor: str) -> tuple[str, ...]:
+    """The state-dict keys factor ``factor`` may have, relative to its module: the masked storage's
+    parameter and mask, the compressed storage's values and bits."""
+    return factor, f"{factor}_mask", f"{factor}_values", f"{factor}_bits"
 
 
 def pack_bits(mask: Tensor) -> Tensor:
