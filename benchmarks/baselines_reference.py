@@ -58,11 +58,11 @@ from llm_block import block_linears, perplexity  # benchmarks/ is the script dir
 from topk_dsf import topk_dsf
 from torch import nn
 
-from dsf_lightning.calibration import InputGramRecorder
 from dsf_lightning.config import PruneConfig
 from dsf_lightning.data import load_smollm2, token_batches, wikipedia_texts
 from dsf_lightning.factorization import factorize, reconstruction_error
-from dsf_lightning.pruning import prune
+from dsf_lightning.pipeline.calibration import InputGramRecorder
+from dsf_lightning.pipeline.entry import prune
 
 METHODS = ("sparsegpt", "admm", "wanda", "dsf")
 

@@ -1,6 +1,6 @@
 """Per-layer time of DSF on a stack of equal-shape layers: one batch call against one call per layer.
 
-The measurement behind the pipeline's batching cap (``dsf_lightning/jobs.py``: ``BATCH_MAX_COST``,
+The measurement behind the pipeline's batching cap (``dsf_lightning/pipeline/jobs.py``: ``BATCH_MAX_COST``,
 ``BATCH_MAX_STACK``). For each ``OUTxIN:B`` (B layers of that shape; seeded synthetic weights as in
 ``benchmarks/factorization.py``) and, with ``--resnet``, every shape of the trained ResNet-20 with all its
 layers of that shape: ``double_sparse_factorize_batch`` on the stack against ``double_sparse_factorize``

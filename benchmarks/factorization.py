@@ -6,7 +6,7 @@ same process and back to back (order alternating between repeats, after a warm-u
 
 * ``ours``: ``double_sparse_factorize(W, density)`` with every default (the ``"auto"`` split). A ResNet-20
   row (``--resnet-layers shape``, the default) is every layer of the network with that row's shape, solved
-  as a user's prune solves them: grouped by ``dsf_lightning.jobs.batch_groups`` (small layers of one shape
+  as a user's prune solves them: grouped by ``dsf_lightning.pipeline.jobs.batch_groups`` (small layers of one shape
   in one ``double_sparse_factorize_batch`` call, larger ones one by one); its times are per layer (the
   total over the layers / their number), its errors the mean over the layers and the worst layer's
   ours / baseline ratio; ``ours 1 by 1`` times the same layers one call each, for the batching's gain.
@@ -51,7 +51,7 @@ from dsf_lightning.factorization import (  # noqa: E402
     magnitude_prune,
     nnz_budget,
 )
-from dsf_lightning.jobs import LayerJob, batch_groups  # noqa: E402
+from dsf_lightning.pipeline.jobs import LayerJob, batch_groups  # noqa: E402
 
 #: One matrix per distinct shape of each family (the benchmark's shapes).
 DEFAULT_MATRICES = [
@@ -123,7 +123,7 @@ def naive_dsf_split(weight: torch.Tensor, nnz_a: int, nnz_b: int) -> tuple[torch
 
 
 def user_groups(layers: dict[str, torch.Tensor], density: float) -> list[list[str]]:
-    """The layer names as a user's prune solves them: ``dsf_lightning.jobs.batch_groups`` of data-free DSF jobs."""
+    """The layer names as a user's prune solves them: ``pipeline.jobs.batch_groups`` of data-free DSF jobs."""
     jobs = [LayerJob(n, "dsf", w, density, None) for n, w in layers.items()]
     return [[j.name for j in g] for g in batch_groups(jobs)]
 

@@ -111,7 +111,8 @@ def _pruned_smollm2(row: str, density: float, device: str) -> tuple[nn.Module, o
     and its tokenizer."""
     from dsf_lightning.config import PruneConfig
     from dsf_lightning.models import load_causal_lm
-    from dsf_lightning.pruning import build_structure, plan_prune
+    from dsf_lightning.pipeline.install import build_structure
+    from dsf_lightning.pipeline.plan import plan_prune
 
     model, tokenizer, _ = load_causal_lm(None)
     method, storage = ROWS[row]

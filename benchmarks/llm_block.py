@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsf_lightning.calibration import InputGramRecorder
 from dsf_lightning.data import load_smollm2, token_batches, wikipedia_texts
 from dsf_lightning.factorization import METHODS, factorize
 from dsf_lightning.perplexity import perplexity as window_perplexity
+from dsf_lightning.pipeline.calibration import InputGramRecorder
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -7,7 +7,7 @@ The structure of a pruned layer depends only on the dense layer and the method, 
 between two hooks (why, and Lightning's hook order: docs/ARCHITECTURE.md):
 
 * ``setup(stage="fit")``: checks the config against the model and swaps every target for its pruned
-  module holding the dense weight exactly (:func:`~dsf_lightning.pruning.build_structure`): the model
+  module holding the dense weight exactly (:func:`~dsf_lightning.pipeline.install.build_structure`): the model
   computes the same function, and the restore and the optimizers see the final parameter objects.
 * ``on_fit_start``: on a fresh run, evaluates the dense model (``dense/``), records calibration Grams,
   factorizes (split across ranks under DDP), fills the pruned modules in place (compressed values take
@@ -25,13 +25,11 @@ rank zero (W&B, CSV, TensorBoard alike); W&B also gets the per-layer table ``dsf
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_info, rank_zero_warn
@@ -43,24 +41,14 @@ from dsf_lightning.callbacks.batchnorm import recalibrate_batchnorm
 from dsf_lightning.callbacks.evaluation import evaluate_module
 from dsf_lightning.callbacks.strategies import check_resizable, rewrap_ddp
 from dsf_lightning.config import PruneConfig, check_count
-from dsf_lightning.distributed import all_reduce_grams, distributed_executor, is_sharded, world
-from dsf_lightning.jobs import solve_serially
-from dsf_lightning.pruning import (
-    PrunePlan,
-    all_or_nothing,
-    allocate_densities,
-    build_structure,
-    default_forward,
-    install,
-    layer_jobs,
-    plan_prune,
-    record_grams,
-    unbuild_structure,
-)
-from dsf_lightning.report import PruneReport
-from dsf_lightning.sequential import prune_blocks
+from dsf_lightning.pipeline.calibration import default_forward
+from dsf_lightning.pipeline.distributed import is_sharded, world
+from dsf_lightning.pipeline.entry import run_prune
+from dsf_lightning.pipeline.install import build_structure, unbuild_structure
+from dsf_lightning.pipeline.plan import PrunePlan, plan_prune
+from dsf_lightning.pipeline.report import PruneReport
+from dsf_lightning.pipeline.targets import unsupported
 from dsf_lightning.structure import CHECKPOINT_KEY, nonzeros_outside_masks, structure_spec
-from dsf_lightning.targets import unsupported
 
 __all__ = ["DSFPruneCallback"]
 
@@ -82,7 +70,7 @@ class DSFPruneCallback(Callback):
             dataloader. Under DDP a loader without a ``DistributedSampler`` is sharded by batch index.
         calibration_forward: ``forward(pl_module, batch)`` running one (device-moved) batch for
             calibration and BatchNorm recalibration; default
-            :func:`~dsf_lightning.pruning.default_forward`.
+            :func:`~dsf_lightning.pipeline.calibration.default_forward`.
         bn_recalibration_batches: ``n > 0``: after the pre-fine-tuning evaluation, re-estimate every
             BatchNorm's running statistics over ``n`` train batches (``torch.optim.swa_utils.update_bn``),
             then evaluate again as ``bn_recalibrated/<metric>``.
@@ -212,50 +200,26 @@ class DSFPruneCallback(Callback):
         self.resumed = bool(state_dict.get("pruned"))
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        plan, cfg = self._plan, self.config
-        rank, world_size = world()
-        start = time.perf_counter()
-        executor = distributed_executor(self.progress) if world_size > 1 else None
-        report = PruneReport(method=cfg.method, family=plan.family, density=cfg.density, skipped=plan.skipped)
-        with isolate_rng():
-            torch.manual_seed(cfg.seed)
-            if cfg.sequential:
-                with all_or_nothing(pl_module) as undo:
-                    report.layers, report.calibration_tokens, report.working_set_bytes = prune_blocks(
-                        pl_module, plan, self._batches(trainer), forward=self._forward(trainer), executor=executor,
-                        progress=self.progress and trainer.is_global_zero, undo=undo)
-            else:
-                grams = None
-                if cfg.calibrated:
-                    rec = record_grams(pl_module, plan.targets, self._batches(trainer), self._forward(trainer))
-                    accs = all_reduce_grams(rec.accumulators, trainer.strategy.root_device) if world_size > 1 \
-                        else rec.accumulators
-                    grams = {n: a.gram for n, a in accs.items()}
-                    report.calibration_tokens = {n: a.count for n, a in accs.items()}
-                plan = self._plan = allocate_densities(plan, grams)
-                jobs = layer_jobs(plan, grams)
-                results = executor(jobs) if executor is not None else \
-                    solve_serially(jobs, self.progress and trainer.is_global_zero)
-                jobs.clear()
-                with all_or_nothing(pl_module) as undo:
-                    report.layers = install(pl_module, plan, results, undo)
+        """The one entry point on the structure :meth:`setup` built: seeded, split across ranks under DDP."""
+        calibration = self._batches(trainer) if self.config.calibrated else None
+        report = run_prune(pl_module, self._plan, calibration=calibration, forward=self._forward(trainer),
+                           progress=self.progress)
         self._pruned = True
-        if cfg.storage == "compressed":
+        if self.config.storage == "compressed":
             rewrap_ddp(trainer)
-        report.seconds = time.perf_counter() - start
-        self.owned_layers = [r.name for r in report.layers if r.rank in (None, rank)]
+        self.owned_layers = [r.name for r in report.layers if r.rank in (None, world()[0])]
         self.factorization_runs += 1
         self.report = report
         self._log_report(trainer, report, model=type(pl_module).__name__)
 
     def _batches(self, trainer: pl.Trainer) -> Iterable:
-        """This rank's ``calibration_batches`` calibration batches (a loader without a ``DistributedSampler``
-        is sharded: rank r takes batches r, r + W, ...)."""
+        """This rank's calibration batches (a loader without a ``DistributedSampler`` is sharded: rank r takes
+        batches r, r + W, ...); the entry point takes the first ``calibration_batches``."""
         loader = self.calibration_loader if self.calibration_loader is not None else self._train_loader(trainer)
         rank, world_size = world()
         if self.calibration_loader is not None and world_size > 1 and not is_sharded(loader):
             loader = islice(loader, rank, None, world_size)
-        return islice(loader, self.config.calibration_batches)
+        return loader
 
     def _forward(self, trainer: pl.Trainer) -> Callable[[nn.Module, Any], Any]:
         """``calibration_forward`` on batches moved by the strategy (the module's transfer hooks included)."""

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_debug
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 
-from dsf_lightning.distributed import comm_device, world
+from dsf_lightning.pipeline.distributed import comm_device, world
 
 __all__ = ["LogRecorder", "evaluate_module"]
 

@@ -17,7 +17,6 @@ try:  # the installed distribution's version (pyproject.toml), logged with every
 except importlib.metadata.PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
     __version__ = "unknown"
 
-from dsf_lightning.calibration import GramAccumulator, InputGramRecorder, conv2d_patches
 from dsf_lightning.config import PruneConfig
 from dsf_lightning.export import load_packed, merged_state_dict, save_packed, to_csr
 from dsf_lightning.factorization import (
@@ -39,8 +38,11 @@ from dsf_lightning.modules import (
     pruned_module,
     pruned_module_from_factorization,
 )
-from dsf_lightning.pruning import plan_prune, prune
-from dsf_lightning.report import LayerRecord, PruneReport
+from dsf_lightning.pipeline.calibration import GramAccumulator, InputGramRecorder, conv2d_patches
+from dsf_lightning.pipeline.entry import prune
+from dsf_lightning.pipeline.plan import plan_prune
+from dsf_lightning.pipeline.report import LayerRecord, PruneReport
+from dsf_lightning.pipeline.targets import find_targets
 from dsf_lightning.structure import (
     PrunedCheckpointMixin,
     apply_structure_spec,
@@ -51,7 +53,6 @@ from dsf_lightning.structure import (
     save_pruned,
     structure_spec,
 )
-from dsf_lightning.targets import find_targets
 
 #: Names that need Lightning, imported on first access.
 _LAZY = {"DSFPruneCallback": "dsf_lightning.callbacks", "FiniteLossGuard": "dsf_lightning.callbacks",

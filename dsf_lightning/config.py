@@ -2,7 +2,7 @@
 
 It holds everything that does not depend on the model (density, method and its options, target
 patterns, calibration, module options) and checks all of it once, in ``__post_init__``; the checks
-that need the model (targets, per-layer budgets) run in :func:`dsf_lightning.pruning.plan_prune`
+that need the model (targets, per-layer budgets) run in :func:`dsf_lightning.pipeline.plan.plan_prune`
 before any data is touched.
 """
 
@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dsf_lightning.allocation import Allocation, check_allocation_options
 from dsf_lightning.factorization import PRESETS, check_density, get_method
 from dsf_lightning.modules import FORWARD_MODES, ForwardMode, Storage, check_storage
-from dsf_lightning.targets import FAMILIES, Family, as_patterns
+from dsf_lightning.pipeline.allocation import Allocation, check_allocation_options
+from dsf_lightning.pipeline.targets import FAMILIES, Family, as_patterns
 
 __all__ = ["PruneConfig", "check_count"]
 
@@ -40,7 +40,7 @@ class PruneConfig:
         factorization_options: keyword options of the method (e.g. ``{"outer_iters": 10}``).
         densities: per-layer density overrides ``{layer name: density}``; they keep their density under
             any ``allocation``, which spreads the rest of the budget.
-        allocation: how ``density`` is spread over the layers (:mod:`~dsf_lightning.allocation`):
+        allocation: how ``density`` is spread over the layers (:mod:`~dsf_lightning.pipeline.allocation`):
             ``"uniform"`` (every layer at ``density``), ``"global"`` (equal marginal error per nonzero, the
             budget ``density * sum(out * fan_in)`` over the model) or ``"owl"`` (outlier-weighted).
         allocation_options: the rule's options (``min_ratio``, ``max_ratio``; ``owl``: ``lam``, ``m``).
@@ -51,7 +51,7 @@ class PruneConfig:
         calibration_batches: ``0``: data-free projection (``G = I``); ``N > 0``: layer-wise with input
             Grams over ``N`` batches; ``None``: every batch of the calibration data given.
         sequential: calibrate decoder blocks one after the other, each on the outputs of the pruned
-            blocks before it (:mod:`~dsf_lightning.sequential`; LLMs), instead of all targets in one pass
+            blocks before it (:mod:`~dsf_lightning.pipeline.blocks`; LLMs), instead of all targets in one pass
             of the dense model. Needs calibration data.
         forward_mode: of the DSF modules: ``"auto"``, ``"fused"`` or ``"sequential"``.
         balance_norms: balance the two factors' norms per rank channel after pruning (paper 4.4).

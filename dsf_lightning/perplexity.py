@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dsf_lightning.distributed import comm_device, world
+from dsf_lightning.pipeline.distributed import comm_device, world
 
 __all__ = ["PerplexityResult", "perplexity", "text_perplexity", "window_nll"]
 

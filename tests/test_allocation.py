@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from dsf_lightning.allocation import allocate, check_allocation_options, layer_scores
 from dsf_lightning.config import PruneConfig
 from dsf_lightning.factorization import nnz_budget
-from dsf_lightning.pruning import prune
+from dsf_lightning.pipeline.allocation import allocate, check_allocation_options, layer_scores
+from dsf_lightning.pipeline.entry import prune
 
 
 def _scores() -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from numerics import assert_rel_close, rel_bound, relative_error  # tests/ is on sys.path
 from torch import nn
 
-from dsf_lightning.calibration import GramAccumulator, InputGramRecorder, conv2d_patches
+from dsf_lightning.pipeline.calibration import GramAccumulator, InputGramRecorder, conv2d_patches
 
 F32 = torch.float32
 

@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger  # noqa: E402
 from numerics import rel_bound  # noqa: E402  (tests/ is on sys.path)
 from wandb_offline import wandb_records  # noqa: E402  (tests/ is on sys.path)
 
-import dsf_lightning.jobs as jobs  # noqa: E402
+import dsf_lightning.pipeline.jobs as jobs  # noqa: E402
 from dsf_lightning.callbacks import DSFPruneCallback, load_pruned_checkpoint  # noqa: E402
 from dsf_lightning.modules import is_pruned_module  # noqa: E402
 
@@ -361,7 +361,7 @@ def test_unsupported_target_is_skipped_with_warning(tmp_path):
 
 
 def test_balance_layers_is_cost_balanced():
-    from dsf_lightning.distributed import balance_layers
+    from dsf_lightning.pipeline.distributed import balance_layers
 
     owners = balance_layers([100, 1, 60, 50, 10], 2)
     loads = [sum(c for c, o in zip([100, 1, 60, 50, 10], owners) if o == r) for r in range(2)]

@@ -34,7 +34,7 @@ def _run_script(out: str, mode: str, calib: int, storage: str) -> None:
     import torchvision
     from torch.utils.data import DataLoader, TensorDataset
 
-    import dsf_lightning.callbacks.dsf_prune as dsf_prune
+    import dsf_lightning.pipeline.one_pass as one_pass
     from dsf_lightning.callbacks import DSFPruneCallback
     from dsf_lightning.modules import is_pruned_module
 
@@ -60,13 +60,13 @@ def _run_script(out: str, mode: str, calib: int, storage: str) -> None:
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
     captured: dict = {}
-    real_jobs = dsf_prune.layer_jobs
+    real_jobs = one_pass.layer_jobs
 
     def spy(plan, grams=None):
         captured["grams"] = None if grams is None else {k: v.clone().cpu() for k, v in grams.items()}
         return real_jobs(plan, grams)
 
-    dsf_prune.layer_jobs = spy
+    one_pass.layer_jobs = spy
 
     def pruned_state(module):
         return {k: v.detach().clone().cpu() for n, m in module.named_modules() if is_pruned_module(m)

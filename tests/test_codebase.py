@@ -23,7 +23,7 @@ def _rel(path: Path) -> str:
 
 
 @pytest.mark.parametrize("module", ["dsf_lightning", "dsf_lightning.factorization", "dsf_lightning.modules",
-                                    "dsf_lightning.pruning", "dsf_lightning.structure", "dsf_lightning.export"])
+                                    "dsf_lightning.pipeline.entry", "dsf_lightning.structure", "dsf_lightning.export"])
 def test_tensor_level_modules_do_not_import_lightning(module):
     code = (f"import sys, {module}; heavy = sorted({{m.split('.')[0] for m in sys.modules}} & "
             "{'lightning', 'pytorch_lightning', 'wandb', 'transformers'}); print(heavy)")
@@ -80,7 +80,7 @@ def test_no_private_apis_no_frame_tricks(path):
 def test_the_rule_checker_catches_what_it_bans(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text('"""Bad."""\nimport inspect\nfrom lightning.fabric.utilities.cloud_io import _load\n'
-                   "from dsf_lightning.pruning import _private\nf = inspect.currentframe().f_back\n"
+                   "from dsf_lightning.pipeline.plan import _private\nf = inspect.currentframe().f_back\n"
                    "x = trainer.fit_loop._data_source\nobj.__class__ = int\n")
     found = " ".join(_violations(bad))
     for what in ("_load", "_private", "currentframe", "fit_loop._data_source", "__class__"):

@@ -50,11 +50,11 @@ def _script_callback(out: str, fault: str, victim: int) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from test_callback import ResNetModule
 
-    import dsf_lightning.callbacks.dsf_prune as dsf_prune
+    import dsf_lightning.pipeline.entry as entry
     from dsf_lightning.callbacks import DSFPruneCallback
     from dsf_lightning.recipes.common import load_weights_file
 
-    dsf_prune.distributed_executor = _faulty(dsf_prune.distributed_executor, fault, victim)
+    entry.distributed_executor = _faulty(entry.distributed_executor, fault, victim)
     module = ResNetModule()
     load_weights_file(module.model, os.path.join(out, "dense.pt"))
     g = torch.Generator().manual_seed(0)
@@ -69,10 +69,10 @@ def _script_callback(out: str, fault: str, victim: int) -> None:
 
 
 def _script_llm(fault: str, victim: int, args: list[str]) -> int:
-    import dsf_lightning.recipes.llm_run as llm_run
+    import dsf_lightning.pipeline.entry as entry
     from dsf_lightning.recipes import llama_main
 
-    llm_run.distributed_executor = _faulty(llm_run.distributed_executor, fault, victim)
+    entry.distributed_executor = _faulty(entry.distributed_executor, fault, victim)
     return llama_main(args)
 
 
@@ -98,7 +98,7 @@ from dsf_lightning.export import load_packed, save_packed  # noqa: E402
 from dsf_lightning.files import atomic_folder  # noqa: E402
 from dsf_lightning.models import load_packed_causal_lm  # noqa: E402
 from dsf_lightning.modules import is_pruned_module  # noqa: E402
-from dsf_lightning.pruning import prune  # noqa: E402
+from dsf_lightning.pipeline.entry import prune  # noqa: E402
 from dsf_lightning.recipes import llama_main  # noqa: E402
 from dsf_lightning.recipes.llm_run import export_pruned  # noqa: E402
 from dsf_lightning.structure import load_pruned, nonzeros_outside_masks, save_pruned  # noqa: E402
@@ -361,7 +361,7 @@ def test_export_killed_between_files_keeps_the_previous_export(exported, tiny_ll
         "import os, signal, sys\n"
         f"sys.path[:0] = [{ROOT!r}]\n"
         "from dsf_lightning.models import load_causal_lm\n"
-        "from dsf_lightning.pruning import prune\n"
+        "from dsf_lightning.pipeline.entry import prune\n"
         "from dsf_lightning.recipes.llm_run import export_pruned\n"
         f"model, tok, _ = load_causal_lm({str(tiny_llama)!r})\n"
         "prune(model, 0.3, 'magnitude', progress=False)\n"
@@ -488,11 +488,11 @@ def _interrupt_on_call(monkeypatch, owner, name: str, call: int) -> None:
 
 
 def test_ctrl_c_in_a_sequential_prune_leaves_the_model_unchanged(monkeypatch):
-    import dsf_lightning.sequential as sequential
+    import dsf_lightning.pipeline.entry as entry
 
     model = LlamaModule().model
     before = _state(model)
-    _interrupt_on_call(monkeypatch, sequential, "solve_serially", call=2)  # block 0 is in place by then
+    _interrupt_on_call(monkeypatch, entry, "solve_serially", call=2)  # block 0 is in place by then
     batches = [b[0] for b in tokens()]
     with pytest.raises(KeyboardInterrupt) as err:
         prune(model, 0.4, "dsf", calibration=batches, sequential=True, progress=False,
@@ -502,11 +502,11 @@ def test_ctrl_c_in_a_sequential_prune_leaves_the_model_unchanged(monkeypatch):
 
 
 def test_ctrl_c_while_installing_leaves_the_model_unchanged(monkeypatch):
-    import dsf_lightning.pruning as pruning
+    import dsf_lightning.pipeline.install as install
 
     model = LlamaModule().model
     before = _state(model)
-    _interrupt_on_call(monkeypatch, pruning, "pruned_module", call=5)
+    _interrupt_on_call(monkeypatch, install, "pruned_module", call=5)
     with pytest.raises(KeyboardInterrupt) as err:
         prune(model, 0.4, "magnitude", progress=False)
     assert "the model is unchanged (5 layer(s) put back" in "\n".join(err.value.__notes__)  # 4 done, the 5th begun
@@ -514,11 +514,11 @@ def test_ctrl_c_while_installing_leaves_the_model_unchanged(monkeypatch):
 
 
 def test_ctrl_c_in_the_callback_prune_leaves_the_module_dense(monkeypatch, capsys, tmp_path):
-    import dsf_lightning.sequential as sequential
+    import dsf_lightning.pipeline.entry as entry
 
     module = LlamaModule()
     before = _state(module)
-    _interrupt_on_call(monkeypatch, sequential, "solve_serially", call=2)
+    _interrupt_on_call(monkeypatch, entry, "solve_serially", call=2)
     cb = DSFPruneCallback(0.4, calibration_batches=2, sequential=True, factorization_options={"outer_iters": 2},
                           progress=False)
     handler = signal.getsignal(signal.SIGINT)

@@ -10,9 +10,10 @@ import torch
 from numerics import assert_rel_close, network_depth  # tests/ is on sys.path
 from torch import nn
 
-import dsf_lightning.jobs as jobs
+import dsf_lightning.pipeline.jobs as jobs
 from dsf_lightning.modules import PRUNED_MODULE_TYPES, DSFConv2d, DSFLinear, SparseConv2d, SparseLinear
-from dsf_lightning.pruning import prune
+from dsf_lightning.pipeline.entry import prune
+from dsf_lightning.pipeline.targets import detect_family, find_targets
 from dsf_lightning.structure import (
     apply_structure_spec,
     load_pruned,
@@ -21,7 +22,6 @@ from dsf_lightning.structure import (
     save_pruned,
     structure_spec,
 )
-from dsf_lightning.targets import detect_family, find_targets
 
 FAST = {"outer_iters": 3}  # DSF with 3 instead of 40 outer iterations: same code paths, fast
 
@@ -192,7 +192,7 @@ def test_grouped_conv_is_skipped_with_reason():
     assert "groups=8" in report.skipped["1"] and "not a supported layer type" in report.skipped["2"]
     assert type(model[1]) is nn.Conv2d and isinstance(model[0], SparseConv2d)
     # the unsupported types among the skipped, by the module's type (the grouped conv is a supported one)
-    from dsf_lightning.targets import unsupported
+    from dsf_lightning.pipeline.targets import unsupported
 
     assert set(unsupported(model, report.skipped)) == {"2", "4", "5"}  # ReLU, pool, flatten; not "1"
 
@@ -271,7 +271,7 @@ def test_equal_shape_small_layers_are_solved_in_batches_with_per_layer_results()
     """solve_serially groups jobs of one method, shape, density, options and Gram presence (layers of a
     small cost only, up to the stack cap) into one batch call each; the results are per layer and equal one call per
     layer, in the jobs' order, each group's seconds split evenly."""
-    from dsf_lightning.jobs import BATCH_MAX_STACK, LayerJob, batch_groups, solve_serially
+    from dsf_lightning.pipeline.jobs import BATCH_MAX_STACK, LayerJob, batch_groups, solve_serially
 
     gen = torch.Generator().manual_seed(5)
 

@@ -19,8 +19,8 @@ import time
 import pytest
 import torch
 
-from dsf_lightning.calibration import InputGramRecorder
 from dsf_lightning.factorization import factorize, reconstruction_error
+from dsf_lightning.pipeline.calibration import InputGramRecorder
 
 pytestmark = pytest.mark.slow
 

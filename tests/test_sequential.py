@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from dsf_lightning.config import PruneConfig
-from dsf_lightning.pruning import plan_prune, prune
-from dsf_lightning.sequential import BlockRun, _shared_inputs, decoder_blocks
+from dsf_lightning.pipeline.blocks import BlockRun, _shared_inputs, decoder_blocks
+from dsf_lightning.pipeline.entry import prune
+from dsf_lightning.pipeline.plan import plan_prune
 
 FAST = {"outer_iters": 3}
 
@@ -109,7 +110,8 @@ def test_sequential_global_allocation_spends_the_model_budget_from_dense_input_n
     """The densities are allocated before block 0 from the dense model's input norms (only the Grams'
     diagonals are recorded): the same densities as allocating from the dense model's full Grams, the
     layers differ, and the nonzeros sum exactly to the model-wide budget."""
-    from dsf_lightning.pruning import allocate_densities, record_grams
+    from dsf_lightning.pipeline.calibration import record_grams
+    from dsf_lightning.pipeline.plan import allocate_densities
 
     model, data = llama(), batches()
     cfg = PruneConfig(density=0.4, method=method, sequential=True, calibration_batches=None, allocation="global",

@@ -321,7 +321,7 @@ def double_sparse_factorize_batch(
     are batched (batched GEMMs, Cholesky, ``eigh``, a per-matrix ``topk``), which shares their
     per-call overhead: small layers (ResNet-20's convs) factorize faster per layer, large ones gain
     nothing or lose (measurements in benchmarks/RESULTS.md, "Batching layers of one shape"; the
-    pipeline batches small layers only, :mod:`dsf_lightning.jobs`). ``B = 1`` runs the 2-D call.
+    pipeline batches small layers only, :mod:`dsf_lightning.pipeline.jobs`). ``B = 1`` runs the 2-D call.
 
     Results equal one call per layer up to float rounding: ``tests/test_factorization.py`` asserts the
     same masks and factors within 1e-5. Bit equality is not promised: it holds where the batched kernels

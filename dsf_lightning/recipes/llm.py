@@ -307,8 +307,8 @@ def prepare_llama(config: LlamaRecipeConfig) -> LlamaPrepared:
         resolve_seq_len,
     )
     from dsf_lightning.models.causal_lm import load_causal_lm, model_short_name
-    from dsf_lightning.pruning import plan_prune
-    from dsf_lightning.sequential import decoder_blocks
+    from dsf_lightning.pipeline.blocks import decoder_blocks
+    from dsf_lightning.pipeline.plan import plan_prune
 
     data, run, ft = config.data, config.run, config.finetune
     if (run.strategy or "ddp") not in STRATEGIES:

@@ -7,9 +7,9 @@ The run is one SPMD program: with more than one device :func:`launch` starts the
 
 1. dense perplexity on every evaluation text (each rank scores its share of the windows; sums
    all-reduced);
-2. ``prune(model, config.prune, calibration=<this rank's windows>, executor=distributed_executor())``:
-   sequential, so one decoder block's Grams at a time (all-reduced), its layers split across the ranks,
-   the factors broadcast, so every rank holds the same pruned model;
+2. ``prune(model, config.prune, calibration=<this rank's windows>)``: sequential, so one decoder block's
+   Grams at a time (all-reduced), its layers split across the ranks, the factors broadcast, so every rank
+   holds the same pruned model;
 3. ``pre_finetune`` perplexity; fine-tuning with ``Trainer(strategy="ddp")`` (the process group already
    exists, so Lightning launches nothing) + :class:`~dsf_lightning.models.CausalLM`; ``post_finetune``;
 4. rank zero: ``packed/`` and ``merged/`` exports, ``results.json``, the summary.
@@ -39,12 +39,14 @@ from dsf_lightning import __version__
 from dsf_lightning.callbacks import FiniteLossGuard, TrainingMemory
 from dsf_lightning.callbacks.memory import model_storage
 from dsf_lightning.data.text import TextDataModule, TextSource
-from dsf_lightning.distributed import distributed_executor, world
 from dsf_lightning.export import save_packed
 from dsf_lightning.files import atomic_folder, write_json
 from dsf_lightning.models.causal_lm import PACKED_FILE, CausalLM, set_activation_checkpointing
 from dsf_lightning.perplexity import perplexity
-from dsf_lightning.pruning import prune
+from dsf_lightning.pipeline.blocks import decoder_blocks
+from dsf_lightning.pipeline.distributed import world
+from dsf_lightning.pipeline.entry import prune
+from dsf_lightning.pipeline.report import PruneReport
 from dsf_lightning.recipes.common import (
     finish_wandb,
     identity,
@@ -53,9 +55,7 @@ from dsf_lightning.recipes.common import (
     wandb_summary,
     write_config,
 )
-from dsf_lightning.report import PruneReport
 from dsf_lightning.runs import run_name
-from dsf_lightning.sequential import decoder_blocks
 from dsf_lightning.structure import merge, nonzeros_outside_masks
 
 __all__ = ["STRATEGIES", "LlamaPrepared", "execute_llama", "export_pruned", "launch", "protocol_record", "versions"]
@@ -185,9 +185,8 @@ def _prune(prepared: LlamaPrepared, model: nn.Module, device: torch.device, prog
     def forward(m: nn.Module, ids: Tensor) -> Any:
         return m(input_ids=ids.to(device), use_cache=False)
 
-    torch.manual_seed(config.prune.seed)
     return prune(model, config.prune, calibration=batches if config.prune.calibrated else None, forward=forward,
-                 executor=distributed_executor(progress) if size > 1 else None, progress=progress)
+                 progress=progress)
 
 
 def _finetune(prepared: LlamaPrepared, model: nn.Module, logger: Any, progress: bool) -> tuple[int, dict[str, Any]]:

@@ -7,10 +7,10 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from dsf_lightning.allocation import ALLOCATIONS
 from dsf_lightning.config import PruneConfig
 from dsf_lightning.factorization import check_density
 from dsf_lightning.modules import STORAGES
+from dsf_lightning.pipeline.allocation import ALLOCATIONS
 from dsf_lightning.recipes.cli import Flag, flag, group
 
 __all__ = [
@@ -198,7 +198,7 @@ def shared_flags() -> list[Flag]:
                       "model-wide budget, equal marginal error per nonzero) or owl (outlier-weighted)"),
             flag("--allocation-options", to="prune.allocation_options", type=_json_dict,
                  help="JSON object of the allocation's options, e.g. '{\"max_ratio\": 2}' "
-                      "(see dsf_lightning.allocation)"),
+                      "(see dsf_lightning.pipeline.allocation)"),
             flag("--storage", to="prune.storage", choices=STORAGES,
                  help="how the pruned layers hold their factors while fine-tuning: compressed (the nonzeros are the "
                       "parameters: gradients and AdamW state scale with them) or masked (full-size parameters "

@@ -1,7 +1,7 @@
 """Layer jobs and their solving: one layer's problem, its result, equal-shape batches, the serial executor.
 
 An executor (``executor(jobs) -> {name: LayerResult}``) solves the :class:`LayerJob` s that
-:func:`~dsf_lightning.pruning.layer_jobs` builds. Small layers of one shape pay more in per-operation
+:func:`~dsf_lightning.pipeline.plan.layer_jobs` builds. Small layers of one shape pay more in per-operation
 overhead than in arithmetic, so :func:`batch_groups` puts jobs that can share one call together (same
 method, shape, density, options and Gram presence; the method has a batch function; the layer's cost and
 the stack below their caps) and :func:`solve_group` runs each group in one call of the method's

@@ -18,7 +18,8 @@ computed in float32 from the float32-cast input.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from itertools import islice
 from typing import Any
 
 import torch
@@ -28,9 +29,12 @@ from torch import Tensor, nn
 from dsf_lightning.layers import PAD_MODES, explicit_padding, fan_in, pair
 from dsf_lightning.modules import ConvGeometry, MaskedLayer
 
-__all__ = ["GramAccumulator", "InputGramRecorder", "conv2d_patches", "is_conv"]
+__all__ = ["GramAccumulator", "InputGramRecorder", "Reduce", "conv2d_patches", "default_forward", "is_conv",
+           "move_batch", "record_grams"]
 
 ConvLike = nn.Conv2d | ConvGeometry
+#: ``reduce(accumulators, device)``: the Grams of every process merged (``distributed.all_reduce_grams``)
+Reduce = Callable[[Mapping[str, "GramAccumulator"], torch.device], dict[str, "GramAccumulator"]]
 
 
 def is_conv(module: nn.Module) -> bool:
@@ -279,3 +283,58 @@ class InputGramRecorder:
     def counts(self) -> dict[str, int]:
         """``name -> tokens seen``."""
         return {name: acc.count for name, acc in self.accumulators.items()}
+
+
+def move_batch(batch: Any, device: torch.device | str) -> Any:
+    """``batch`` with every tensor in it on ``device``: tensors, mappings (a dict comes back), lists and tuples
+    (named tuples too), nested; anything else as it is. Lightning's strategies move batches with their own
+    hooks; this is the mover of the plain-PyTorch path and of the activations kept between blocks."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: move_batch(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_batch(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_batch(v, device) for v in batch)
+    return batch
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """Calibration forward used when none is given: moves tensors to the model's device, then
+    ``model(**batch)`` for a mapping (HF tokenizer output), ``model(batch[0])`` for a tuple/list (an
+    ``(inputs, targets)`` pair from a DataLoader), ``model(batch)`` otherwise."""
+    p = next(model.parameters(), None)
+    if p is not None:
+        batch = move_batch(batch, p.device)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    return model(batch)
+
+
+def record_grams(model: nn.Module, targets: Mapping[str, nn.Module], batches: Iterable,
+                 forward: Callable[[nn.Module, Any], Any] | None = None, *,
+                 limit: int | None = None, diagonal: bool = False) -> InputGramRecorder:
+    """Input Grams of every target over ``batches`` (at most ``limit``), in eval mode without grad; every
+    module's training flag is restored afterwards. Returns the recorder (``grams``, ``counts``,
+    ``accumulators``); a target that saw no input is a ``ValueError``. ``diagonal``: only the Grams'
+    diagonals (the allocation's input norms)."""
+    forward = forward or default_forward
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    seen = 0
+    try:
+        with torch.no_grad(), InputGramRecorder(model, targets, diagonal=diagonal) as rec:
+            for batch in islice(batches, limit):
+                forward(model, batch)
+                seen += 1
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    unseen = [n for n, c in rec.counts.items() if c == 0]
+    if unseen:
+        raise ValueError(f"layer(s) {unseen[:5]} saw no calibration input in {seen} batch(es) (is the calibration "
+                         f"data empty, or does the forward skip them?); exclude them or fix the forward")
+    return rec

@@ -1,4 +1,4 @@
-"""Sequential pruning of decoder-block models: block ``i`` is calibrated on the outputs of the pruned blocks ``0..i-1``.
+"""The block-by-block runner: decoder block ``i`` is calibrated on the outputs of the pruned blocks ``0..i-1``.
 
 As SparseGPT, Wanda and the paper run it: the inputs of the first decoder block are captured for all
 calibration batches (the model's forward stops there), then for every block in order
@@ -16,30 +16,22 @@ outermost repeated block stack.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dsf_lightning.calibration import InputGramRecorder
-from dsf_lightning.distributed import all_reduce_grams, world
-from dsf_lightning.jobs import Executor, solve_serially
-from dsf_lightning.pruning import (
-    PrunePlan,
-    Undo,
-    allocate_densities,
-    default_forward,
-    install,
-    layer_jobs,
-    record_grams,
-)
-from dsf_lightning.report import LayerRecord
-from dsf_lightning.targets import block_stacks
+from dsf_lightning.pipeline.calibration import InputGramRecorder, Reduce, move_batch, record_grams
+from dsf_lightning.pipeline.install import Undo, install
+from dsf_lightning.pipeline.jobs import Executor
+from dsf_lightning.pipeline.plan import PrunePlan, allocate_densities, layer_jobs
+from dsf_lightning.pipeline.report import LayerRecord, PruneReport
+from dsf_lightning.pipeline.targets import block_stacks
 
-__all__ = ["BlockRun", "allocate_before_blocks", "decoder_blocks", "prune_blocks"]
+__all__ = ["BlockRun", "allocate_before_blocks", "decoder_blocks", "run_blocks"]
 
 Batch = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -112,7 +104,7 @@ class BlockRun:
     def _keep(self, batch: Batch) -> Batch:
         args, kwargs = batch
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
-        return move_data_to_device((tuple(args), kwargs), self.store) if self.store is not None else (args, kwargs)
+        return move_batch((tuple(args), kwargs), self.store) if self.store is not None else (args, kwargs)
 
     def run(self, block: nn.Module, keep_outputs: bool) -> None:
         """Run ``block`` on every stored input (no grad); with ``keep_outputs`` they become the next inputs."""
@@ -120,7 +112,7 @@ class BlockRun:
         outputs = []
         with torch.no_grad():
             for args, kwargs in self.inputs:
-                args, kwargs = move_data_to_device((args, kwargs), device)
+                args, kwargs = move_batch((args, kwargs), device)
                 out = block(*args, **kwargs)
                 if keep_outputs:
                     hidden = out[0] if isinstance(out, (tuple, list)) else out
@@ -152,30 +144,27 @@ def _shared_inputs(block: nn.Module, run: BlockRun, targets: Mapping[str, nn.Mod
     return {n: rep.setdefault(id(seen[n]), n) for n in targets}
 
 
-def allocate_before_blocks(model: nn.Module, plan: PrunePlan, batches: list,
-                           forward: Callable[[nn.Module, Any], Any]) -> PrunePlan:
+def allocate_before_blocks(model: nn.Module, plan: PrunePlan, batches: list, forward: Callable[[nn.Module, Any], Any],
+                           reduce: Reduce | None = None) -> PrunePlan:
     """``plan`` with its densities spread by ``config.allocation`` before block 0 is touched: the scores take the
-    dense model's input norms (one forward over ``batches`` recording only the Grams' diagonals, summed over
-    ranks under ``torch.distributed``), as OWL computes its outlier ratios on the dense model."""
+    dense model's input norms (one forward over ``batches`` recording only the Grams' diagonals, merged over
+    processes by ``reduce``), as OWL computes its outlier ratios on the dense model."""
     rec = record_grams(model, plan.targets, batches, forward, diagonal=True)
-    accs = rec.accumulators
-    if world()[1] > 1:
-        accs = all_reduce_grams(accs, next(model.parameters()).device)
+    accs = rec.accumulators if reduce is None else reduce(rec.accumulators, next(model.parameters()).device)
     return allocate_densities(plan, {n: a.gram for n, a in accs.items()})
 
 
-def prune_blocks(model: nn.Module, plan: PrunePlan, batches: Iterable, *,
-                 forward: Callable[[nn.Module, Any], Any] | None = None, executor: Executor | None = None,
-                 store: torch.device | str | None = "cpu", device: torch.device | str | None = None,
-                 progress: bool = True, undo: Undo | None = None) -> tuple[list[LayerRecord], dict[str, int], int]:
-    """Prune ``plan``'s targets block by block (module docstring), in place.
+def run_blocks(model: nn.Module, plan: PrunePlan, batches: Iterable, *, forward: Callable[[nn.Module, Any], Any],
+               executor: Executor, reduce: Reduce | None = None, undo: Undo | None = None, progress: bool = True,
+               store: torch.device | str | None = "cpu", device: torch.device | str | None = None) -> PruneReport:
+    """Prune ``plan``'s targets block by block (module docstring), in place; the report's
+    ``working_set_bytes`` is the peak of the pipeline's working set (activations, one block's Grams, its jobs).
 
-    Under ``torch.distributed`` each rank passes its own shard of ``batches``; the Grams are all-reduced
-    and ``executor`` (e.g. :func:`~dsf_lightning.distributed.distributed_executor`) splits each block's
-    layers across ranks. Returns the layer records, the calibration tokens per layer and the peak of the
-    pipeline's working set in bytes (activations, one block's Grams, its factor jobs). ``undo`` remembers
-    every layer before it changes (:func:`~dsf_lightning.pruning.all_or_nothing`: a prune interrupted at
-    block ``i`` puts blocks ``0..i-1`` back).
+    Under ``torch.distributed`` each rank passes its own shard of ``batches``; ``reduce`` merges each block's
+    Grams and ``executor`` (e.g. :func:`~dsf_lightning.pipeline.distributed.distributed_executor`) splits its
+    layers across ranks. ``undo`` remembers every layer before it changes
+    (:func:`~dsf_lightning.pipeline.install.all_or_nothing`: a prune interrupted at block ``i`` puts blocks
+    ``0..i-1`` back).
     """
     blocks = decoder_blocks(model)
     owned = {b: [t for t in plan.targets if t.startswith(b + ".")] for b, _ in blocks}
@@ -183,14 +172,14 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, batches: Iterable, *,
     if outside:
         raise ValueError(f"sequential pruning prunes decoder blocks only; target(s) {outside[:5]} are outside "
                          f"the blocks {blocks[0][0]!r}..{blocks[-1][0]!r}: exclude them")
-    forward = forward or default_forward
     if plan.config.allocation != "uniform":
         batches = list(batches)
-        plan = allocate_before_blocks(model, plan, batches, forward)
+        plan = allocate_before_blocks(model, plan, batches, forward, reduce)
     run = BlockRun(store, device)
     run.capture(model, blocks[0][1], batches, forward)
-    records: list[LayerRecord] = []
-    counts: dict[str, int] = {}
+    report = PruneReport(method=plan.config.method, family=plan.family, density=plan.config.density,
+                         skipped=plan.skipped)
+    records: list[LayerRecord] = report.layers
     last = max(i for i, (b, _) in enumerate(blocks) if owned[b])
     bar = tqdm(blocks[: last + 1], desc=f"prune {plan.config.method} by block", unit="block", disable=not progress)
     for name, block in bar:
@@ -201,19 +190,16 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, batches: Iterable, *,
             reps = {t: m for t, m in targets.items() if shared[t] == t}
             with InputGramRecorder(model, reps) as rec:
                 run.run(block, keep_outputs=False)
-            accs = rec.accumulators
-            if world()[1] > 1:
-                accs = all_reduce_grams(accs, next(block.parameters()).device)
+            accs = rec.accumulators if reduce is None else reduce(rec.accumulators, next(block.parameters()).device)
             grams = {t: accs[shared[t]].gram for t in targets}
-            counts.update({t: accs[shared[t]].count for t in targets})
-            sub = PrunePlan(plan.config, plan.family, targets, plan.layer_types, plan.skipped, plan.densities,
-                            plan.options)
+            report.calibration_tokens.update({t: accs[shared[t]].count for t in targets})
+            sub = dataclasses.replace(plan, targets=targets)
             jobs = layer_jobs(sub, grams)
             run.note(grams, [(j.weight, j.gram) for j in jobs])
-            results = executor(jobs) if executor is not None else solve_serially(jobs, progress=False)
+            results = executor(jobs)
             del jobs, grams, accs, rec
             records += install(model, sub, results, undo)
         run.run(block, keep_outputs=True)
     bar.close()
-    return records, counts, run.peak_bytes
-
+    report.working_set_bytes = run.peak_bytes
+    return report

@@ -4,7 +4,7 @@ Every rank records Grams on its own shard of the calibration data; :func:`all_re
 as count-weighted sums, so every rank holds the Grams of all the data. :func:`distributed_executor`
 splits the layer jobs across ranks (:func:`balance_layers`, greedy by ``out * fan_in * min(out, fan_in)``,
 per job), every rank solves its share (small layers of one shape in batches within the share, as the
-serial executor does: :func:`~dsf_lightning.jobs.batch_groups`), and each result is broadcast from its
+serial executor does: :func:`~dsf_lightning.pipeline.jobs.batch_groups`), and each result is broadcast from its
 owner (:func:`broadcast_result`), so every rank builds bit-identical modules.
 
 Plain ``torch.distributed`` collectives on the default process group: the same code serves Lightning
@@ -23,9 +23,9 @@ from torch import Tensor
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from dsf_lightning.calibration import GramAccumulator
 from dsf_lightning.factorization import Factorization
-from dsf_lightning.jobs import Executor, LayerJob, LayerResult, batch_groups, solve_group
+from dsf_lightning.pipeline.calibration import GramAccumulator
+from dsf_lightning.pipeline.jobs import Executor, LayerJob, LayerResult, batch_groups, solve_group
 
 __all__ = ["all_reduce_grams", "balance_layers", "broadcast_result", "collective", "distributed_executor",
            "is_sharded", "world"]
@@ -100,7 +100,7 @@ def balance_layers(costs: Sequence[int], world_size: int) -> list[int]:
 
 
 def broadcast_result(result: LayerResult | None, src: int, device: torch.device) -> LayerResult:
-    """``src``'s :class:`~dsf_lightning.jobs.LayerResult` on every rank: metadata as an object, tensors by
+    """``src``'s :class:`~dsf_lightning.pipeline.jobs.LayerResult` on every rank: metadata as an object, tensors by
     ``dist.broadcast`` (bool masks as uint8), bit for bit. ``result`` is only read on ``src``."""
     rank, _ = world()
     comm = comm_device(device)
@@ -140,11 +140,11 @@ def broadcast_result(result: LayerResult | None, src: int, device: torch.device)
 
 
 def distributed_executor(progress: bool = True) -> Executor:
-    """An executor for :func:`~dsf_lightning.pruning.prune` that splits the jobs across the ranks of the
+    """An executor for :func:`~dsf_lightning.pipeline.entry.prune` that splits the jobs across the ranks of the
     default process group and broadcasts every result to every rank (progress bar on rank zero).
 
     The split is per job (:func:`balance_layers`); each rank then solves its share in the groups of
-    :func:`~dsf_lightning.jobs.batch_groups`, so equal-shape small layers that land on one rank share a
+    :func:`~dsf_lightning.pipeline.jobs.batch_groups`, so equal-shape small layers that land on one rank share a
     batch call."""
     rank, world_size = world()
 
