@@ -9,11 +9,11 @@ timed variants run round-robin (one step of each in turn), so machine load hits 
    compressed storage, and of a magnitude-pruned one (SparseConv2d) in either storage, relative to the
    dense network; likewise a small LLaMA
    (``LlamaForCausalLM``, random init) with all decoder linears replaced.
-2. Packed file size (:func:`dsf_lightning.export.packed_size_bytes`, fp16 values + bitmasks)
+2. Packed file size (:func:`dsf_lightning.persistence.export.packed_size_bytes`, fp16 values + bitmasks)
    at densities 0.1 and 0.5, relative to the dense fp16 state dict and to magnitude pruning.
 3. CPU inference of the CSR path (paper appendix A.3): a chain of ``--csr-layers`` 1024x1024
-   layers, single thread, dense ``nn.Linear`` vs :class:`~dsf_lightning.export.CSRLinear` at
-   density d vs :class:`~dsf_lightning.export.CSRDSFLinear` (two CSR matrices of d/2 each, i.e.
+   layers, single thread, dense ``nn.Linear`` vs :class:`~dsf_lightning.persistence.export.CSRLinear` at
+   density d vs :class:`~dsf_lightning.persistence.export.CSRDSFLinear` (two CSR matrices of d/2 each, i.e.
    twice the sparse products at equal nnz, as in the paper's Table 5). Random masks.
 
     .venv/bin/python benchmarks/modules.py                       # everything, ~3 min on 2 loaded cores
@@ -33,10 +33,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dsf_lightning.export import CSRDSFLinear, CSRLinear, pack_model, packed_size_bytes
 from dsf_lightning.factorization import factorize
 from dsf_lightning.models import resnet20
 from dsf_lightning.modules import pruned_module_from_factorization
+from dsf_lightning.persistence.export import CSRDSFLinear, CSRLinear, pack_model, packed_size_bytes
 
 warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
 SECTIONS = ("step", "size", "csr")

@@ -9,8 +9,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from dsf_lightning.files import check_torch_file
-from dsf_lightning.structure import CHECKPOINT_KEY, PrunedCheckpointMixin, load_pruned
+from dsf_lightning.persistence.files import check_torch_file
+from dsf_lightning.persistence.structure import CHECKPOINT_KEY, PrunedCheckpointMixin, load_pruned
 
 __all__ = ["load_pruned_checkpoint"]
 
@@ -24,8 +24,9 @@ def load_pruned_checkpoint(module: type[pl.LightningModule] | pl.LightningModule
     ``load_from_checkpoint(path, **kwargs)``) or a dense instance (loaded in place). The pruned structure
     in ``checkpoint["dsf_structure"]`` is applied before the strict state-dict load, so the result holds
     the same masked modules and weights as the trained one. Classes with
-    :class:`~dsf_lightning.structure.PrunedCheckpointMixin` do this in their own ``load_from_checkpoint``.
-    A truncated or corrupted file is a ``ValueError`` naming it (:func:`~dsf_lightning.files.check_torch_file`),
+    :class:`~dsf_lightning.persistence.structure.PrunedCheckpointMixin` do this in their own ``load_from_checkpoint``.
+    A truncated or corrupted file is a ``ValueError`` naming it
+    (:func:`~dsf_lightning.persistence.files.check_torch_file`),
     before anything is loaded.
     """
     check_torch_file(path, "checkpoint")

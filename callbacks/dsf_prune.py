@@ -41,14 +41,14 @@ from dsf_lightning.callbacks.batchnorm import recalibrate_batchnorm
 from dsf_lightning.callbacks.evaluation import evaluate_module
 from dsf_lightning.callbacks.strategies import check_resizable, rewrap_ddp
 from dsf_lightning.config import PruneConfig, check_count
+from dsf_lightning.persistence.structure import CHECKPOINT_KEY, nonzeros_outside_masks, structure_spec, to_dense
 from dsf_lightning.pipeline.calibration import default_forward
 from dsf_lightning.pipeline.distributed import is_sharded, world
 from dsf_lightning.pipeline.entry import run_prune
-from dsf_lightning.pipeline.install import build_structure, unbuild_structure
+from dsf_lightning.pipeline.install import build_structure
 from dsf_lightning.pipeline.plan import PrunePlan, plan_prune
 from dsf_lightning.pipeline.report import PruneReport
 from dsf_lightning.pipeline.targets import unsupported
-from dsf_lightning.structure import CHECKPOINT_KEY, nonzeros_outside_masks, structure_spec
 
 __all__ = ["DSFPruneCallback"]
 
@@ -157,7 +157,7 @@ class DSFPruneCallback(Callback):
             # a prune that did not finish put every layer back (all_or_nothing): dense layers again, as it was
             state = "fully pruned" if self._pruned else "unchanged (the dense layers are back)"
             if not self._pruned:
-                unbuild_structure(pl_module, self._plan)
+                to_dense(pl_module, self._plan.layer_types)
                 self._plan = None
             if trainer.is_global_zero:  # stderr: Lightning turns Ctrl-C into sys.exit(1), printing no exception
                 print(f"DSFPruneCallback: the prune stopped with {type(e).__name__}; the model is {state}",

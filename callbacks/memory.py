@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from typing_extensions import override
 
-from dsf_lightning.structure import pruned_modules
+from dsf_lightning.persistence.structure import pruned_modules
 
 __all__ = ["RSSPeak", "TrainingMemory", "model_storage", "training_state_bytes"]
 

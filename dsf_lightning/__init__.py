@@ -18,7 +18,6 @@ except importlib.metadata.PackageNotFoundError:  # a source tree on PYTHONPATH, 
     __version__ = "unknown"
 
 from dsf_lightning.config import PruneConfig
-from dsf_lightning.export import load_packed, merged_state_dict, save_packed, to_csr
 from dsf_lightning.factorization import (
     METHODS,
     Factorization,
@@ -38,12 +37,8 @@ from dsf_lightning.modules import (
     pruned_module,
     pruned_module_from_factorization,
 )
-from dsf_lightning.pipeline.calibration import GramAccumulator, InputGramRecorder, conv2d_patches
-from dsf_lightning.pipeline.entry import prune
-from dsf_lightning.pipeline.plan import plan_prune
-from dsf_lightning.pipeline.report import LayerRecord, PruneReport
-from dsf_lightning.pipeline.targets import find_targets
-from dsf_lightning.structure import (
+from dsf_lightning.persistence.export import load_packed, merged_state_dict, save_packed, to_csr
+from dsf_lightning.persistence.structure import (
     PrunedCheckpointMixin,
     apply_structure_spec,
     load_pruned,
@@ -52,7 +47,13 @@ from dsf_lightning.structure import (
     replace_module,
     save_pruned,
     structure_spec,
+    to_dense,
 )
+from dsf_lightning.pipeline.calibration import GramAccumulator, InputGramRecorder, conv2d_patches
+from dsf_lightning.pipeline.entry import prune
+from dsf_lightning.pipeline.plan import plan_prune
+from dsf_lightning.pipeline.report import LayerRecord, PruneReport
+from dsf_lightning.pipeline.targets import find_targets
 
 #: Names that need Lightning, imported on first access.
 _LAZY = {"DSFPruneCallback": "dsf_lightning.callbacks", "FiniteLossGuard": "dsf_lightning.callbacks",
@@ -105,4 +106,5 @@ __all__ = [
     "save_pruned",
     "structure_spec",
     "to_csr",
+    "to_dense",
 ]

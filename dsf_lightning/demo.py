@@ -45,7 +45,7 @@ import lightning.pytorch as pl
 from dsf_lightning import __version__
 from dsf_lightning.compare import markdown_table, plot, verdict
 from dsf_lightning.config import PruneConfig
-from dsf_lightning.files import write_json
+from dsf_lightning.persistence.files import write_json
 from dsf_lightning.pipeline.allocation import ALLOCATIONS
 from dsf_lightning.recipes import (
     RECIPE_METHODS,

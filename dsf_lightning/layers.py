@@ -12,6 +12,7 @@ Conv geometry functions read ``kernel_size``, ``stride``, ``padding``, ``dilatio
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from torch import Tensor, nn
@@ -20,9 +21,12 @@ __all__ = [
     "SUPPORTED",
     "LayerKind",
     "dense_signature",
+    "signature",
     "explicit_padding",
     "fan_in",
+    "grouped",
     "hf_conv1d_type",
+    "linear_as_conv1d",
     "layer_kind",
     "pair",
     "weight_matrix",
@@ -65,12 +69,19 @@ def weight_matrix(layer: nn.Module) -> Tensor:
     return w.flatten(1) if kind == "conv2d" else w.T if kind == "conv1d" else w
 
 
+def grouped(conv: Any) -> str | None:
+    """Why a conv (dense or pruned geometry) cannot be factorized here, or ``None``: a grouped/depthwise conv's
+    weight is not one ``(out, fan_in)`` matrix over its input patches."""
+    groups = getattr(conv, "groups", 1)
+    return f"groups={groups} > 1 (depthwise/grouped convs are not factorized)" if groups != 1 else None
+
+
 def fan_in(name: str, module: nn.Module) -> int:
     """Inputs per output of a dense prunable layer (``in * kh * kw`` for convs), else ``ValueError``."""
     kind = layer_kind(module)
     if kind == "conv2d":
-        if module.groups != 1:
-            raise ValueError(f"layer {name!r}: grouped Conv2d (groups={module.groups}) is not supported")
+        if grouped(module):
+            raise ValueError(f"layer {name!r}: {grouped(module)}")
         return module.in_channels * module.kernel_size[0] * module.kernel_size[1]
     if kind == "linear":
         return module.in_features
@@ -101,16 +112,40 @@ def explicit_padding(conv: Any) -> tuple[int, int, int, int]:
     return (pw, pw, ph, ph)
 
 
-def dense_signature(layer: nn.Module) -> tuple[Literal["linear", "conv2d"], dict[str, Any]] | None:
-    """What a pruned replacement must agree with: ``("linear", in/out/bias)`` for Linear and Conv1D,
-    ``("conv2d", channels, geometry, bias)`` for Conv2d; ``None`` for anything else."""
+Signature = tuple[Literal["linear", "conv2d"], dict[str, Any]]
+
+
+def signature(kind: Literal["linear", "conv2d"], attrs: Mapping[str, Any]) -> Signature:
+    """What a pruned replacement must agree with, from a layer's attributes or a pruned module's constructor
+    kwargs (a spec entry): ``("linear", in/out/bias)`` or ``("conv2d", channels, geometry, bias, groups)``."""
+    if kind == "conv2d":
+        return "conv2d", dict(in_channels=attrs["in_channels"], out_channels=attrs["out_channels"],
+                              kernel_size=pair(attrs["kernel_size"]), stride=pair(attrs.get("stride", 1)),
+                              padding=pair(attrs.get("padding", 0)), dilation=pair(attrs.get("dilation", 1)),
+                              padding_mode=attrs.get("padding_mode", "zeros"), bias=attrs.get("bias", True),
+                              groups=attrs.get("groups", 1))
+    return "linear", dict(in_features=attrs["in_features"], out_features=attrs["out_features"],
+                          bias=attrs.get("bias", True))
+
+
+def dense_signature(layer: nn.Module) -> Signature | None:
+    """:func:`signature` of a dense layer (Linear and Conv1D are ``"linear"``); ``None`` for anything else."""
     kind = layer_kind(layer)
     if kind == "conv2d":
-        return "conv2d", dict(in_channels=layer.in_channels, out_channels=layer.out_channels,
-                              kernel_size=pair(layer.kernel_size), stride=pair(layer.stride),
-                              padding=pair(layer.padding), dilation=pair(layer.dilation),
-                              padding_mode=layer.padding_mode, bias=layer.bias is not None, groups=layer.groups)
+        attrs = {a: getattr(layer, a) for a in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
+                                                  "dilation", "padding_mode", "groups")}
+        return signature("conv2d", {**attrs, "bias": layer.bias is not None})
     if kind is not None:
         out, in_ = weight_matrix(layer).shape
-        return "linear", dict(in_features=in_, out_features=out, bias=layer.bias is not None)
+        return signature("linear", dict(in_features=in_, out_features=out, bias=layer.bias is not None))
     return None
+
+
+def linear_as_conv1d(linear: nn.Linear) -> nn.Module:
+    """The HF ``Conv1D`` computing ``linear``'s function (its stored weight is the transpose, ``(in, out)``;
+    same dtype, device, training and grad flags). ``linear`` must have a bias, as every ``Conv1D`` does."""
+    conv1d = hf_conv1d_type()(linear.out_features, linear.in_features).to(linear.weight)
+    conv1d.weight.data.copy_(linear.weight.detach().T)
+    conv1d.bias.data.copy_(linear.bias.detach())
+    conv1d.train(linear.training)
+    return conv1d.requires_grad_(linear.weight.requires_grad)

@@ -23,7 +23,8 @@ def _rel(path: Path) -> str:
 
 
 @pytest.mark.parametrize("module", ["dsf_lightning", "dsf_lightning.factorization", "dsf_lightning.modules",
-                                    "dsf_lightning.pipeline.entry", "dsf_lightning.structure", "dsf_lightning.export"])
+                                    "dsf_lightning.pipeline.entry", "dsf_lightning.persistence.structure",
+                                    "dsf_lightning.persistence.export"])
 def test_tensor_level_modules_do_not_import_lightning(module):
     code = (f"import sys, {module}; heavy = sorted({{m.split('.')[0] for m in sys.modules}} & "
             "{'lightning', 'pytorch_lightning', 'wandb', 'transformers'}); print(heavy)")

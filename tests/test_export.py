@@ -11,7 +11,10 @@ from numerics import assert_rel_close, network_depth  # tests/ is on sys.path
 from safetensors import safe_open
 from torch import nn
 
-from dsf_lightning.export import (
+from dsf_lightning.factorization import factorize
+from dsf_lightning.models import resnet20
+from dsf_lightning.modules import DSFConv2d, DSFLinear, SparseConv2d, SparseLinear, pruned_module_from_factorization
+from dsf_lightning.persistence.export import (
     CSRDSFLinear,
     CSRLinear,
     load_packed,
@@ -22,10 +25,7 @@ from dsf_lightning.export import (
     to_csr,
     unpack_bits,
 )
-from dsf_lightning.factorization import factorize
-from dsf_lightning.models import resnet20
-from dsf_lightning.modules import DSFConv2d, DSFLinear, SparseConv2d, SparseLinear, pruned_module_from_factorization
-from dsf_lightning.structure import structure_spec
+from dsf_lightning.persistence.structure import structure_spec
 
 
 class Net(nn.Module):

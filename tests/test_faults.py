@@ -94,14 +94,14 @@ from wandb_offline import wandb_records  # noqa: E402
 
 from dsf_lightning.callbacks import DSFPruneCallback, FiniteLossGuard, NonFiniteLossError  # noqa: E402
 from dsf_lightning.callbacks.checkpoint import load_pruned_checkpoint  # noqa: E402
-from dsf_lightning.export import load_packed, save_packed  # noqa: E402
-from dsf_lightning.files import atomic_folder  # noqa: E402
 from dsf_lightning.models import load_packed_causal_lm  # noqa: E402
 from dsf_lightning.modules import is_pruned_module  # noqa: E402
+from dsf_lightning.persistence.export import load_packed, save_packed  # noqa: E402
+from dsf_lightning.persistence.files import atomic_folder  # noqa: E402
+from dsf_lightning.persistence.structure import load_pruned, nonzeros_outside_masks, save_pruned  # noqa: E402
 from dsf_lightning.pipeline.entry import prune  # noqa: E402
 from dsf_lightning.recipes import llama_main  # noqa: E402
 from dsf_lightning.recipes.llm_run import export_pruned  # noqa: E402
-from dsf_lightning.structure import load_pruned, nonzeros_outside_masks, save_pruned  # noqa: E402
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -379,7 +379,7 @@ def test_export_killed_between_files_keeps_the_previous_export(exported, tiny_ll
 def test_full_disk_keeps_the_previous_files(exported, monkeypatch, tmp_path):
     model, tok, out, ids = exported
     before = _digest(out)
-    import dsf_lightning.export as export
+    import dsf_lightning.persistence.export as export
 
     real = export.save_file
 

@@ -221,7 +221,7 @@ def test_masks_stay_exact_through_adamw_fine_tuning(tiny_dir, method, tmp_path):
     the pruned tiny model: every masked entry is exactly zero afterwards, the masks did not move, weights did."""
     from dsf_lightning import PruneConfig, prune
     from dsf_lightning.data.text import TextDataModule
-    from dsf_lightning.structure import pruned_modules
+    from dsf_lightning.persistence.structure import pruned_modules
 
     model, _, _ = load_causal_lm(tiny_dir)
     calib = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))

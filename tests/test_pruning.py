@@ -12,9 +12,7 @@ from torch import nn
 
 import dsf_lightning.pipeline.jobs as jobs
 from dsf_lightning.modules import PRUNED_MODULE_TYPES, DSFConv2d, DSFLinear, SparseConv2d, SparseLinear
-from dsf_lightning.pipeline.entry import prune
-from dsf_lightning.pipeline.targets import detect_family, find_targets
-from dsf_lightning.structure import (
+from dsf_lightning.persistence.structure import (
     apply_structure_spec,
     load_pruned,
     merge,
@@ -22,6 +20,8 @@ from dsf_lightning.structure import (
     save_pruned,
     structure_spec,
 )
+from dsf_lightning.pipeline.entry import prune
+from dsf_lightning.pipeline.targets import detect_family, find_targets
 
 FAST = {"outer_iters": 3}  # DSF with 3 instead of 40 outer iterations: same code paths, fast
 

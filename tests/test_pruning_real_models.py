@@ -9,9 +9,9 @@ import torch
 from numerics import assert_rel_close  # tests/ is on sys.path
 
 from dsf_lightning.modules import DSFConv2d, DSFLinear, SparseConv2d
+from dsf_lightning.persistence.structure import load_pruned, merge, save_pruned
 from dsf_lightning.pipeline.entry import prune
 from dsf_lightning.pipeline.targets import find_targets
-from dsf_lightning.structure import load_pruned, merge, save_pruned
 
 
 def test_resnet50_paper_targets_prune_and_round_trip(tmp_path):

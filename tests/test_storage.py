@@ -10,10 +10,16 @@ from numerics import assert_rel_close  # tests/ is on sys.path
 from torch import nn
 
 from dsf_lightning import prune
-from dsf_lightning.export import load_packed, merged_state_dict, pack_model, save_packed, to_csr
 from dsf_lightning.modules import DSFConv2d, DSFLinear, SparseConv2d, SparseLinear, set_storage
 from dsf_lightning.modules.storage import pack_bits, unpack_bits
-from dsf_lightning.structure import load_pruned, nonzeros_outside_masks, pruned_modules, save_pruned, structure_spec
+from dsf_lightning.persistence.export import load_packed, merged_state_dict, pack_model, save_packed, to_csr
+from dsf_lightning.persistence.structure import (
+    load_pruned,
+    nonzeros_outside_masks,
+    pruned_modules,
+    save_pruned,
+    structure_spec,
+)
 
 
 def _net() -> nn.Sequential:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
 from dsf_lightning.modules import Storage, check_storage, set_storage
-from dsf_lightning.structure import CHECKPOINT_KEY, PrunedCheckpointMixin, pruned_modules, structure_spec
+from dsf_lightning.persistence.structure import CHECKPOINT_KEY, PrunedCheckpointMixin, pruned_modules, structure_spec
 
 __all__ = ["PACKED_FILE", "CausalLM", "TokenPerplexity", "load_causal_lm", "load_packed_causal_lm", "lr_factor",
            "model_short_name", "set_activation_checkpointing"]
@@ -244,10 +244,10 @@ def load_causal_lm(name_or_path: str | None, dtype: str = "float32") -> tuple[nn
 def load_packed_causal_lm(folder: str | os.PathLike, dtype: str = "float32") -> tuple[nn.Module, Any]:
     """``(pruned model, tokenizer)`` from a folder of the LLM recipe's ``packed/`` export: the dense
     architecture built from its ``config.json``, then the packed file loaded into it
-    (:func:`~dsf_lightning.export.load_packed`: the pruned modules are rebuilt and filled)."""
+    (:func:`~dsf_lightning.persistence.export.load_packed`: the pruned modules are rebuilt and filled)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from dsf_lightning.export import load_packed
+    from dsf_lightning.persistence.export import load_packed
 
     path = os.path.join(folder, PACKED_FILE)
     if not os.path.isfile(path):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from dsf_lightning.structure import PrunedCheckpointMixin
+from dsf_lightning.persistence.structure import PrunedCheckpointMixin
 
 __all__ = ["ImageClassifier"]
 
@@ -40,7 +40,7 @@ class ImageClassifier(PrunedCheckpointMixin, pl.LightningModule):
     """Image classification with SGD and the paper's learning-rate schedules.
 
     Checkpoints of pruned runs load with ``ImageClassifier.load_from_checkpoint(path, backbone=...)``
-    (:class:`~dsf_lightning.structure.PrunedCheckpointMixin` rebuilds the pruned structure).
+    (:class:`~dsf_lightning.persistence.structure.PrunedCheckpointMixin` rebuilds the pruned structure).
 
     Args:
         backbone: ``nn.Module`` mapping ``(N, C, H, W)`` images to ``(N, num_classes)`` logits

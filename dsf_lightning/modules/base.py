@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsf_lightning.factorization import Factorization
-from dsf_lightning.layers import PAD_MODES, explicit_padding, layer_kind, pair
+from dsf_lightning.layers import PAD_MODES, explicit_padding, grouped, layer_kind, pair, weight_matrix
 from dsf_lightning.modules.storage import (
     Storage,
     check_storage,
@@ -290,12 +290,9 @@ def dense_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
 
 
 def linear_weight(layer: nn.Module, cls: str) -> Tensor:
-    """``(out, in)`` weight of an ``nn.Linear`` or HF ``Conv1D`` (whose weight is ``(in, out)``)."""
-    kind = layer_kind(layer)
-    if kind == "linear":
-        return layer.weight
-    if kind == "conv1d":
-        return layer.weight.T
+    """``(out, in)`` weight of an ``nn.Linear`` or HF ``Conv1D`` (:func:`~dsf_lightning.layers.weight_matrix`)."""
+    if layer_kind(layer) in ("linear", "conv1d"):
+        return weight_matrix(layer)
     raise ValueError(f"{cls} needs an nn.Linear or transformers Conv1D, got {type(layer).__name__}")
 
 
@@ -354,6 +351,6 @@ class ConvGeometry:
     def _check_conv(cls: str, layer: nn.Module) -> nn.Conv2d:
         if not isinstance(layer, nn.Conv2d):
             raise ValueError(f"{cls} needs an nn.Conv2d, got {type(layer).__name__}")
-        if layer.groups != 1:
-            raise ValueError(f"{cls}: grouped Conv2d (groups={layer.groups}) is not supported")
+        if grouped(layer):
+            raise ValueError(f"{cls}: {grouped(layer)}")
         return layer

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsf_lightning.layers import PAD_MODES, explicit_padding, fan_in, pair
+from dsf_lightning.layers import PAD_MODES, explicit_padding, fan_in, grouped, pair
 from dsf_lightning.modules import ConvGeometry, MaskedLayer
 
 __all__ = ["GramAccumulator", "InputGramRecorder", "Reduce", "conv2d_patches", "default_forward", "is_conv",
@@ -54,10 +54,8 @@ def conv2d_patches(x: Tensor, conv: ConvLike) -> Tensor:
     """
     if not is_conv(conv):
         raise ValueError(f"conv2d_patches expects nn.Conv2d, got {type(conv).__name__}")
-    if conv.groups != 1:
-        raise ValueError(
-            f"conv2d_patches: groups={conv.groups} is not supported (grouped/depthwise convs are not factorized)"
-        )
+    if grouped(conv):
+        raise ValueError(f"conv2d_patches: {grouped(conv)}")
     if x.dim() == 3:
         x = x.unsqueeze(0)
     if x.dim() != 4 or x.shape[1] != conv.in_channels:

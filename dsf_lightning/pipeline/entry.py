@@ -74,7 +74,7 @@ def prune(
 
     Returns:
         :class:`~dsf_lightning.pipeline.report.PruneReport`. The structure is readable with
-        :func:`~dsf_lightning.structure.structure_spec`.
+        :func:`~dsf_lightning.persistence.structure.structure_spec`.
 
     Raises:
         ValueError: bad arguments, no targets, an already pruned layer, a method needing calibration

@@ -18,14 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from dsf_lightning.factorization import nnz_budget
-from dsf_lightning.layers import hf_conv1d_type
 from dsf_lightning.modules import MaskedLayer, pruned_module
+from dsf_lightning.persistence.structure import PRUNE_INFO_ATTR, replace_module
 from dsf_lightning.pipeline.jobs import LayerResult
 from dsf_lightning.pipeline.plan import PrunePlan, target_matrix
 from dsf_lightning.pipeline.report import LayerRecord
-from dsf_lightning.structure import PRUNE_INFO_ATTR, replace_module
 
-__all__ = ["Undo", "all_or_nothing", "build_structure", "install", "unbuild_structure"]
+__all__ = ["Undo", "all_or_nothing", "build_structure", "install"]
 
 
 @torch.no_grad()
@@ -42,23 +41,6 @@ def build_structure(model: nn.Module, plan: PrunePlan) -> PrunePlan:
         replace_module(model, name, new)
         targets[name] = new
     return dataclasses.replace(plan, targets=targets)
-
-
-@torch.no_grad()
-def unbuild_structure(model: nn.Module, plan: PrunePlan) -> None:
-    """Undo :func:`build_structure` before :func:`install`: put plain layers holding the same weights back
-    (``to_dense``; an HF ``Conv1D`` target comes back as a ``Conv1D``), so a failed prune leaves the
-    model as it was."""
-    for name, layer in plan.targets.items():
-        dense = layer.to_dense()
-        if plan.layer_types[name] == "Conv1D":
-            conv1d = hf_conv1d_type()(dense.out_features, dense.in_features).to(dense.weight)
-            conv1d.weight.copy_(dense.weight.T)
-            conv1d.bias.copy_(dense.bias)
-            dense = conv1d
-        dense.train(layer.training)
-        dense.requires_grad_(all(p.requires_grad for p in layer.parameters()))
-        replace_module(model, name, dense)
 
 
 class Undo:

@@ -16,7 +16,7 @@ from typing import Literal
 
 from torch import nn
 
-from dsf_lightning.layers import SUPPORTED, layer_kind
+from dsf_lightning.layers import SUPPORTED, grouped, layer_kind
 from dsf_lightning.modules import ConvGeometry, DSFLinear, SparseLinear, is_pruned_module
 
 __all__ = ["FAMILIES", "Family", "as_patterns", "block_stacks", "detect_family", "find_targets", "matching",
@@ -152,7 +152,7 @@ def find_targets(
         supported layer left out and every unsupported leaf module an ``include`` pattern named.
 
     Raises:
-        ValueError: a selected layer is already pruned (``merge`` first, or exclude it); bad family.
+        ValueError: a selected layer is already pruned (``to_dense`` first, or exclude it); bad family.
     """
     include, exclude = as_patterns(include, "include"), as_patterns(exclude, "exclude") or ()
     if family is None:
@@ -188,8 +188,8 @@ def find_targets(
             pruned.append(f"{n!r} ({type(m).__name__})")
         elif n == "":
             skipped[n] = "the root module itself cannot be replaced"
-        elif isinstance(m, nn.Conv2d) and m.groups != 1:
-            skipped[n] = f"groups={m.groups} > 1 (depthwise/grouped convs are not factorized)"
+        elif layer_kind(m) == "conv2d" and grouped(m):
+            skipped[n] = grouped(m)
         elif isinstance(parent, nn.MultiheadAttention):
             # MultiheadAttention reads out_proj.weight directly instead of calling the module.
             skipped[n] = "inside nn.MultiheadAttention, which reads the weight without calling the layer"
@@ -197,7 +197,7 @@ def find_targets(
             targets[n] = m
     if pruned:
         shown = ", ".join(pruned[:5]) + (f" and {len(pruned) - 5} more" if len(pruned) > 5 else "")
-        raise ValueError(f"layer {shown} is already pruned; merge(model) first or exclude it")
+        raise ValueError(f"layer {shown} is already pruned; to_dense(model) first or exclude it")
     for n, reason in skipped.items():
         log.debug("not pruning %s: %s", n or "<root>", reason)
     return targets, skipped

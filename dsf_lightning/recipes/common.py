@@ -22,7 +22,7 @@ from torch import nn
 
 from dsf_lightning import __version__
 from dsf_lightning.callbacks import DSFPruneCallback, FiniteLossGuard, TrainingMemory
-from dsf_lightning.files import read_torch_file, save_torch_file, write_json, write_text
+from dsf_lightning.persistence.files import read_torch_file, save_torch_file, write_json, write_text
 from dsf_lightning.recipes.cli import ConfigParser
 from dsf_lightning.recipes.sections import RecipeConfig
 from dsf_lightning.runs import method_label, run_identity, run_name

@@ -147,7 +147,7 @@ class ExportConfig:
 
     Args:
         packed: ``packed/``: the pruned model in the packed format (16-bit nonzeros + bit masks,
-            :func:`~dsf_lightning.export.save_packed`) with the config and tokenizer
+            :func:`~dsf_lightning.persistence.export.save_packed`) with the config and tokenizer
             (:func:`~dsf_lightning.models.load_packed_causal_lm` reads it back).
         merged: ``merged/``: every pruned layer merged to its dense product, ``save_pretrained`` (plain
             transformers: ``AutoModelForCausalLM.from_pretrained``).

@@ -39,10 +39,11 @@ from dsf_lightning import __version__
 from dsf_lightning.callbacks import FiniteLossGuard, TrainingMemory
 from dsf_lightning.callbacks.memory import model_storage
 from dsf_lightning.data.text import TextDataModule, TextSource
-from dsf_lightning.export import save_packed
-from dsf_lightning.files import atomic_folder, write_json
 from dsf_lightning.models.causal_lm import PACKED_FILE, CausalLM, set_activation_checkpointing
 from dsf_lightning.perplexity import perplexity
+from dsf_lightning.persistence.export import save_packed
+from dsf_lightning.persistence.files import atomic_folder, write_json
+from dsf_lightning.persistence.structure import nonzeros_outside_masks, to_dense
 from dsf_lightning.pipeline.blocks import decoder_blocks
 from dsf_lightning.pipeline.distributed import world
 from dsf_lightning.pipeline.entry import prune
@@ -56,7 +57,6 @@ from dsf_lightning.recipes.common import (
     write_config,
 )
 from dsf_lightning.runs import run_name
-from dsf_lightning.structure import merge, nonzeros_outside_masks
 
 __all__ = ["STRATEGIES", "LlamaPrepared", "execute_llama", "export_pruned", "launch", "protocol_record", "versions"]
 
@@ -221,7 +221,7 @@ def export_pruned(model: nn.Module, tokenizer: Any, output_dir: str, packed: boo
                   ) -> dict[str, Any]:
     """``output_dir/packed/`` (``save_packed`` + config + tokenizer) and ``output_dir/merged/`` (``merge`` in
     place, then ``save_pretrained`` + tokenizer); returns the folders and the packed file's size. Each folder
-    is written whole or not at all (:func:`~dsf_lightning.files.atomic_folder`): an export that fails or is
+    is written whole or not at all (:func:`~dsf_lightning.persistence.files.atomic_folder`): an export that fails or is
     killed midway leaves the previous export in that folder complete."""
     out: dict[str, Any] = {}
     if packed:
@@ -233,7 +233,7 @@ def export_pruned(model: nn.Module, tokenizer: Any, output_dir: str, packed: boo
         out["packed"] = folder
     if merged:
         folder = os.path.join(output_dir, "merged")
-        merge(model)
+        to_dense(model)
         with atomic_folder(folder) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

@@ -26,7 +26,7 @@ Packed file layout (``format = "dsf-packed"``, ``version = "3"`` in the metadata
   accounting -- and integer/bool tensors (``num_batches_tracked``) keep their dtype.
   ``dtype=None`` keeps every tensor's own dtype (lossless for float32 models);
 * metadata ``structure``: the model's structure spec as JSON
-  (:func:`~dsf_lightning.structure.structure_spec`), which rebuilds every pruned module empty;
+  (:func:`~dsf_lightning.persistence.structure.structure_spec`), which rebuilds every pruned module empty;
 * metadata ``sha256``: :func:`packed_digest` of every tensor (name, dtype, shape, bytes) and the other
   metadata. safetensors checks the header's layout but not the data, so a flipped bit would load as a
   wrong value; the digest turns any corruption into an error naming the file. Version 2 files (no digest)
@@ -52,10 +52,10 @@ from safetensors.torch import safe_open, save_file
 from safetensors.torch import save as st_save_bytes
 from torch import Tensor, nn
 
-from dsf_lightning.files import atomic_path
 from dsf_lightning.modules import DSFLinear, SparseLinear
 from dsf_lightning.modules.storage import factor_keys, pack_bits, scatter_values, unpack_bits
-from dsf_lightning.structure import pruned_modules, replace_module, structure_applied, structure_spec
+from dsf_lightning.persistence.files import atomic_path
+from dsf_lightning.persistence.structure import pruned_modules, replace_module, structure_applied, structure_spec
 
 __all__ = [
     "CSRDSFLinear",
@@ -216,7 +216,7 @@ def _read_packed(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 def load_packed(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a :func:`save_packed` file into ``model``, a fresh dense instance of the same architecture.
 
-    The stored structure spec is applied first (:func:`~dsf_lightning.structure.apply_structure_spec`:
+    The stored structure spec is applied first (:func:`~dsf_lightning.persistence.structure.apply_structure_spec`:
     every pruned layer must be the matching dense layer, or already that pruned module, else
     ``ValueError`` naming the layer), the pruned modules are filled with the unpacked values and masks,
     and every other tensor loads as in ``load_state_dict(strict=True)``. Values are cast to the receiving

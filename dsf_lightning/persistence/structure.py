@@ -1,4 +1,4 @@
-"""The pruned structure of a model: its spec, rebuilding it in a dense model, save/load, merge back.
+"""The pruned structure of a model: its spec, rebuilding it in a dense model, save/load, back to dense.
 
 A *structure spec* is the one JSON-serializable description of which layers are pruned and how::
 
@@ -11,7 +11,7 @@ the packed export carry it, so a fresh dense model can take a pruned state dict:
 
 >>> save_pruned(model, "pruned.pt")                              # state dict + structure spec
 >>> fresh = load_pruned(build_dense_model(), "pruned.pt")         # same function, bit for bit
->>> merge(fresh)                                                  # plain nn.Linear / nn.Conv2d again
+>>> to_dense(fresh)                                               # plain nn.Linear / nn.Conv2d again
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dsf_lightning.files import read_torch_file, save_torch_file
-from dsf_lightning.layers import dense_signature, layer_kind, pair
+from dsf_lightning.layers import Signature, dense_signature, layer_kind, linear_as_conv1d, signature
 from dsf_lightning.modules import PRUNED_MODULE_TYPES, ConvGeometry, MaskedLayer, is_pruned_module
+from dsf_lightning.persistence.files import read_torch_file, save_torch_file
 
 __all__ = [
     "CHECKPOINT_KEY",
@@ -37,6 +37,7 @@ __all__ = [
     "check_state_dict",
     "load_pruned",
     "merge",
+    "to_dense",
     "nonzeros_outside_masks",
     "pruned_modules",
     "replace_module",
@@ -102,16 +103,9 @@ def structure_spec(model: nn.Module) -> dict[str, Any]:
             "modules": [_entry(n, m) for n, m in pruned_modules(model)]}
 
 
-def _spec_signature(cls: type[MaskedLayer], kwargs: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The :func:`~dsf_lightning.layers.dense_signature` of the dense layer a spec entry replaces."""
-    if issubclass(cls, ConvGeometry):
-        return "conv2d", dict(in_channels=kwargs["in_channels"], out_channels=kwargs["out_channels"],
-                              kernel_size=pair(kwargs["kernel_size"]), stride=pair(kwargs.get("stride", 1)),
-                              padding=pair(kwargs.get("padding", 0)), dilation=pair(kwargs.get("dilation", 1)),
-                              padding_mode=kwargs.get("padding_mode", "zeros"), bias=kwargs.get("bias", True),
-                              groups=1)
-    return "linear", dict(in_features=kwargs["in_features"], out_features=kwargs["out_features"],
-                          bias=kwargs.get("bias", True))
+def _spec_signature(cls: type[MaskedLayer], kwargs: Mapping[str, Any]) -> Signature:
+    """The :func:`~dsf_lightning.layers.signature` of the dense layer a spec entry replaces."""
+    return signature("conv2d" if issubclass(cls, ConvGeometry) else "linear", kwargs)
 
 
 def _fmt(sig: Mapping[str, Any]) -> str:
@@ -235,7 +229,7 @@ def load_pruned(model: nn.Module, source: str | os.PathLike | Mapping[str, Any],
 
     The structure is applied (:func:`apply_structure_spec`), then the state dict is loaded strictly.
     Any mismatch raises ``ValueError`` naming the layer(s)/keys and leaves ``model`` as it was; so does a
-    truncated or corrupted file (:func:`~dsf_lightning.files.read_torch_file`, naming the file).
+    truncated or corrupted file (:func:`~dsf_lightning.persistence.files.read_torch_file`, naming the file).
     """
     if isinstance(source, (str, os.PathLike)):
         source = read_torch_file(source, "save_pruned file")
@@ -253,17 +247,29 @@ def load_pruned(model: nn.Module, source: str | os.PathLike | Mapping[str, Any],
     return model
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Replace every pruned module by a plain ``nn.Linear``/``nn.Conv2d`` holding its dense product
-    (``to_dense``; a layer that was an HF ``Conv1D`` becomes the equivalent ``nn.Linear``). In place;
-    returns ``model`` (or the dense layer when ``model`` itself is a pruned module)."""
+@torch.no_grad()
+def to_dense(model: nn.Module, layer_types: Mapping[str, str] | None = None) -> nn.Module:
+    """Replace pruned modules by plain layers holding their dense product, in place (the way back from a prune).
+
+    ``layer_types``: ``name -> class name of the dense layer it replaced`` (``PrunePlan.layer_types``): only
+    those modules, and one that was an HF ``"Conv1D"`` comes back as a ``Conv1D``. Default: every pruned
+    module, as ``nn.Linear`` / ``nn.Conv2d`` (a former ``Conv1D`` as the equivalent ``nn.Linear``). Training
+    and grad flags are kept. Returns ``model`` (or the dense layer when ``model`` itself is a pruned module).
+    """
     for name, m in pruned_modules(model):
-        dense = m.to_dense()
-        dense.requires_grad_(all(p.requires_grad for p in m.parameters()))
+        if layer_types is not None and name not in layer_types:
+            continue
+        dense = m.to_dense().requires_grad_(all(p.requires_grad for p in m.parameters()))
+        if layer_types is not None and layer_types[name] == "Conv1D":
+            dense = linear_as_conv1d(dense)
         if not name:  # the model itself is a pruned layer: nothing to put it into
             return dense
         replace_module(model, name, dense)
     return model
+
+
+#: the name this function had before (kept for callers of 0.1)
+merge = to_dense
 
 
 class PrunedCheckpointMixin:
