@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dsf_lightning.factorization import PRESETS, check_density, get_method
+from dsf_lightning.factorization import check_density, get_method
 from dsf_lightning.modules import FORWARD_MODES, ForwardMode, Storage, check_storage
 from dsf_lightning.pipeline.allocation import Allocation, check_allocation_options
 from dsf_lightning.pipeline.targets import FAMILIES, Family, as_patterns
@@ -83,9 +83,10 @@ class PruneConfig:
         put("density", check_density(self.density, "density"))
         method = get_method(self.method)
         opts = dict(self.factorization_options or {})
-        method.check_options(opts)
-        if "preset" in opts and opts["preset"] not in PRESETS:
-            raise ValueError(f"factorization_options['preset'] must be one of {PRESETS}, got {opts['preset']!r}")
+        try:
+            method.check_options(opts)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"factorization_options: {e}") from None
         put("factorization_options", opts)
         put("densities", {str(n): check_density(d, f"densities[{n!r}]") for n, d in dict(self.densities or {}).items()})
         put("allocation_options", check_allocation_options(self.allocation, dict(self.allocation_options or {})))

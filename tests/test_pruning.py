@@ -315,6 +315,10 @@ def test_equal_shape_small_layers_are_solved_in_batches_with_per_layer_results()
     (dict(densities={"model.layers.0.mlp.up_proj": 0}), r"densities\['model.layers.0.mlp.up_proj'\]"),
     (dict(include=["nothing.*"]), r"no layer to prune in LlamaForCausalLM: .*include=\['nothing.\*'\]"),
     (dict(factorization_options={"outer_iter": 3}), r"no option\(s\) \['outer_iter'\]"),
+    (dict(factorization_options={"outer_iters": 0}), r"factorization_options: outer_iters must be an integer >= 1"),
+    (dict(factorization_options={"finalize": ["third"]}), "finalize must name 'first' and/or 'second'"),
+    (dict(factorization_options={"damping": float("nan")}), "damping must be a finite number >= 0, got nan"),
+    (dict(factorization_options={"preset": "cnn"}), r"preset must be one of \('vision', 'llm'\), got 'cnn'"),
     (dict(density=1e-5), "keeps no weight"),
     (dict(forward_mode="fast"), "forward_mode must be"),
 ])
@@ -327,6 +331,21 @@ def test_bad_arguments_fail_before_work(kwargs, match, no_factorize):
         prune(model, args.pop("density"), args.pop("method"), progress=False,
               calibration=None, forward=lambda m, b: calls.append(b), **args)
     assert not calls
+    assert_unchanged(model, snap)
+
+
+def test_a_bad_dsf_option_value_fails_before_calibration_reads_a_batch(no_factorize):
+    model = llama()
+    snap = snapshot(model)
+    read = []
+
+    def batches():
+        read.append(1)
+        yield torch.zeros(1, 4, dtype=torch.long)
+
+    with pytest.raises(ValueError, match="factorization_options: fixed_mask must be a bool, got 'yes'"):
+        prune(model, 0.3, "dsf", calibration=batches(), factorization_options={"fixed_mask": "yes"}, progress=False)
+    assert not read
     assert_unchanged(model, snap)
 
 

@@ -9,6 +9,7 @@ method has one, a batch function for layers of one shape, so callers switch meth
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from dsf_lightning.factorization.dsf import (
     PRESETS,
     SPLIT_RULES,
     VISION_SQUARE_FRACTION,
+    DSFOptions,
     auto_square_fraction,
     double_sparse_factorize,
     double_sparse_factorize_batch,
@@ -73,6 +75,8 @@ class Method:
             names=None, **options) -> list[Factorization]``: ``fn`` of ``B`` layers of one shape, density
             and options in one call (the same results as ``B`` calls of ``fn``, up to float rounding), or
             ``None`` where the method has none (callers then call ``fn`` per layer).
+        options: the dataclass of the method's options, whose ``of(options)`` checks every value (DSF:
+            :class:`DSFOptions`), or ``None``: the options are ``fn``'s keyword-only parameters.
     """
 
     name: str
@@ -81,20 +85,26 @@ class Method:
     two_factor: bool
     budget_rule: Callable[[int, int, float, Mapping[str, Any], str | None], None]
     batch_fn: Callable[..., list[Factorization]] | None = None
+    options: type | None = None
 
     def option_names(self) -> list[str]:
         """The keyword options ``fn`` accepts besides the reserved ones."""
+        if self.options is not None:
+            return sorted(f.name for f in dataclasses.fields(self.options))
         params = inspect.signature(self.fn).parameters
         return sorted(n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "name")
 
     def check_options(self, options: Mapping[str, Any]) -> None:
-        """Unknown or reserved option names fail now, not after calibration and half the layers."""
+        """Unknown or reserved option names, and bad values of a method with an options dataclass, fail now, not
+        after calibration and half the layers."""
         reserved = sorted(RESERVED_OPTIONS & set(options))
         if reserved:
             raise ValueError(f"method options may not set {reserved}: they are passed per layer")
         unknown = sorted(set(options) - set(self.option_names()))
         if unknown:
             raise ValueError(f"method {self.name!r} has no option(s) {unknown}; valid options: {self.option_names()}")
+        if self.options is not None:  # every value too
+            self.options.of(options)
 
     def check_layer(self, out: int, fan_in: int, density: float, options: Mapping[str, Any],
                     name: str | None = None) -> None:
@@ -135,7 +145,7 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("dsf", double_sparse_factorize, needs_gram=False, two_factor=True, budget_rule=_dsf_split,
-               batch_fn=double_sparse_factorize_batch),
+               batch_fn=double_sparse_factorize_batch, options=DSFOptions),
         Method("magnitude", magnitude_prune, needs_gram=False, two_factor=False, budget_rule=_no_rule),
         Method("wanda", wanda_prune, needs_gram=True, two_factor=False, budget_rule=_per_row),
         Method("admm", admm_prune, needs_gram=False, two_factor=False, budget_rule=_admm),
@@ -179,6 +189,7 @@ __all__ = [
     "SPLIT_RULES",
     "VISION_SQUARE_FRACTION",
     "ADMMSolution",
+    "DSFOptions",
     "Factorization",
     "Method",
     "admm_masked_lstsq",

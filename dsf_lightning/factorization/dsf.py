@@ -16,9 +16,9 @@ benchmarks/RESULTS.md, "Batching layers of one shape").
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -37,6 +37,7 @@ from dsf_lightning.factorization.problem import (
 
 __all__ = [
     "PRESETS",
+    "DSFOptions",
     "SPLIT_RULES",
     "VISION_SQUARE_FRACTION",
     "auto_square_fraction",
@@ -63,6 +64,96 @@ AUTO_F0, AUTO_X0 = 0.45, 2.5
 
 #: Share of a layer's nonzero budget that the ``"vision"`` split rule gives the square factor.
 VISION_SQUARE_FRACTION = 0.3
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class DSFOptions:
+    """DSF's keyword options, every value checked when built (``PruneConfig`` builds them, so a bad value fails
+    before any calibration).
+
+    Attributes:
+        preset: the hyperparameter set. ``"vision"``: no input-norm scaling. ``"llm"``: Wanda-style
+            input-norm scaling. Both split the budget by the ``"auto"`` rule and finalize both
+            factors with the Gram (the paper finalizes only ``second`` for LLMs;
+            ``finalize=("second",)`` gives that; measurements in benchmarks/RESULTS.md).
+        square_share: how the budget is split between the factors (:func:`square_factor_nnz`):
+            ``"auto"`` (:func:`auto_square_fraction`), the fixed rules ``"vision"`` (30% of the
+            budget) or ``"llm"`` (the paper's 0.16 / 0.25 of ``r^2``), or the square ``(r, r)``
+            factor's own density as a number in ``(0, 1]``; ``None`` means ``"auto"``.
+        input_norm_scaling: override: project ``W diag(||X_j||)`` and scale ``first`` back.
+        finalize: override: the factors to refit on fixed masks with the Gram (``"first"`` via the
+            Sylvester solve, ``"second"`` by masked regression); used only with a Gram.
+        outer_iters, inner_iters: Algorithm 1's ``n`` and ``m``.
+        mask_iters: inner iterations that reselect the mask (at the factor's nnz) before freezing it.
+        fixed_mask: the paper's "one mask fix": the square factor's mask is random, from
+            ``seed`` and its shape only, so every layer of that shape shares it.
+        seed: seed of the fixed mask.
+        damping: relative ridge on the Grams of Algorithm 1's alternating steps, whose annealed first step
+            (``rho_0 -> 0``) is otherwise singular for sparse factors.
+        finalize_iters: ADMM iterations of each finalization.
+        finalize_rounds: passes over the ``finalize`` factors.
+        finalize_damping: relative ridge of the finalization, small because its ADMM penalty already
+            makes every solve definite and a large ridge biases the refit on ill-conditioned Grams.
+    """
+
+    preset: Preset = "vision"
+    square_share: float | SplitRule | None = "auto"
+    input_norm_scaling: bool | None = None
+    finalize: tuple[Side, ...] | None = None
+    outer_iters: int = 40
+    inner_iters: int = 2
+    mask_iters: int = 1
+    fixed_mask: bool = False
+    seed: int = 0
+    damping: float = 3e-2
+    finalize_iters: int = 20
+    finalize_rounds: int = 1
+    finalize_damping: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
+        share = self.square_share
+        if not (share is None or share in SPLIT_RULES or (_real(share) and 0 < share <= 1)):
+            raise ValueError(f"square_share must be one of {SPLIT_RULES}, a number in (0, 1] or None, got {share!r}")
+        if self.input_norm_scaling not in (None, True, False):
+            raise ValueError(f"input_norm_scaling must be a bool or None, got {self.input_norm_scaling!r}")
+        if self.finalize is not None:
+            sides = (self.finalize,) if isinstance(self.finalize, str) else self.finalize
+            if not isinstance(sides, (list, tuple)) or not set(sides) <= {"first", "second"}:
+                raise ValueError(f"finalize must name 'first' and/or 'second', got {self.finalize!r}")
+            object.__setattr__(self, "finalize", tuple(sides))
+        for k in ("outer_iters", "inner_iters", "mask_iters", "finalize_iters", "finalize_rounds"):
+            if not _positive_int(getattr(self, k)):
+                raise ValueError(f"{k} must be an integer >= 1, got {getattr(self, k)!r}")
+        if not isinstance(self.fixed_mask, bool):
+            raise ValueError(f"fixed_mask must be a bool, got {self.fixed_mask!r}")
+        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0):
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        for k in ("damping", "finalize_damping"):
+            if not (_real(getattr(self, k)) and getattr(self, k) >= 0):
+                raise ValueError(f"{k} must be a finite number >= 0, got {getattr(self, k)!r}")
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any], name: str | Sequence[str | None] | None = None) -> DSFOptions:
+        """``DSFOptions(**options)``; an unknown name is a ``TypeError`` listing the valid ones, a bad value a
+        ``ValueError``, both naming the layer(s) ``name``."""
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise TypeError(f"{where(where_names(name))}unexpected option(s) {unknown} for DSF; valid: {valid}")
+        try:
+            return cls(**options)
+        except ValueError as e:
+            raise ValueError(f"{where(where_names(name))}{e}") from None
 
 
 def vision_square_share(density: float, out: int, fan_in: int, fraction: float = VISION_SQUARE_FRACTION) -> float:
@@ -238,26 +329,8 @@ def _alternate(
     return sq, other, mask_sq, mask_other
 
 
-def double_sparse_factorize(
-    weight: Tensor,
-    density: float,
-    gram: Tensor | None = None,
-    *,
-    preset: Preset = "vision",
-    square_share: float | SplitRule | None = "auto",
-    input_norm_scaling: bool | None = None,
-    finalize: Sequence[Side] | None = None,
-    outer_iters: int = 40,
-    inner_iters: int = 2,
-    mask_iters: int = 1,
-    fixed_mask: bool = False,
-    seed: int = 0,
-    damping: float = 3e-2,
-    finalize_iters: int = 20,
-    finalize_rounds: int = 1,
-    finalize_damping: float = 1e-4,
-    name: str | None = None,
-) -> Factorization:
+def double_sparse_factorize(weight: Tensor, density: float, gram: Tensor | None = None, *, name: str | None = None,
+                            **options: Any) -> Factorization:
     """Factorize ``W ~= second @ first`` with ``nnz(second) + nnz(first) <= floor(density * W.numel())``.
 
     Args:
@@ -265,43 +338,17 @@ def double_sparse_factorize(
         density: kept fraction in ``(0, 1]``.
         gram: ``(fan_in, fan_in)`` mean calibration Gram ``X^T X / N`` for layer-wise pruning;
             ``None`` for data-free projection (``G = I``).
-        preset: the hyperparameter set. ``"vision"``: no input-norm scaling. ``"llm"``: Wanda-style
-            input-norm scaling. Both split the budget by the ``"auto"`` rule and finalize both
-            factors with the Gram (the paper finalizes only ``second`` for LLMs;
-            ``finalize=("second",)`` gives that; measurements in benchmarks/RESULTS.md).
-        square_share: how the budget is split between the factors (:func:`square_factor_nnz`):
-            ``"auto"`` (:func:`auto_square_fraction`), the fixed rules ``"vision"`` (30% of the
-            budget) or ``"llm"`` (the paper's 0.16 / 0.25 of ``r^2``), or the square ``(r, r)``
-            factor's own density as a number; ``None`` means ``"auto"``.
-        input_norm_scaling: override: project ``W diag(||X_j||)`` and scale ``first`` back.
-        finalize: override: the factors to refit on fixed masks with the Gram (``"first"`` via the
-            Sylvester solve, ``"second"`` by masked regression). Needs ``gram``.
-        outer_iters, inner_iters: Algorithm 1's ``n`` and ``m``.
-        mask_iters: inner iterations that reselect the mask (at the factor's nnz) before freezing it.
-        fixed_mask: the paper's "one mask fix": the square factor's mask is random, from
-            ``seed`` and its shape only, so every layer of that shape shares it.
-        seed: seed of the fixed mask.
-        damping: relative ridge on the Grams of Algorithm 1's alternating steps, whose
-            annealed first step (``rho_0 -> 0``) is otherwise singular for sparse factors; too
-            small a ridge lets that step blow up at low densities (measurements in
-            benchmarks/RESULTS.md).
-        finalize_iters: ADMM iterations of each finalization.
-        finalize_rounds: passes over the ``finalize`` factors.
-        finalize_damping: relative ridge of the finalization, small because its ADMM penalty already
-            makes every solve definite and a large ridge biases the refit on ill-conditioned Grams.
         name: layer name for error messages.
+        options: the fields of :class:`DSFOptions` (``preset``, ``square_share``, ``outer_iters``, ...).
 
     Returns:
         :class:`Factorization` with ``first`` ``(r, fan_in)``, ``second`` ``(out, r)``, in
         float32 (float64 if ``weight`` is float64), on ``weight``'s device.
     """
     budget = validate_problem(weight, density, gram, name)
+    opts = DSFOptions.of(options, name)
     w, g = working_copy(weight, gram)
-    return _solve(w, g, density, budget, name, preset=preset, square_share=square_share,
-                  input_norm_scaling=input_norm_scaling, finalize=finalize, outer_iters=outer_iters,
-                  inner_iters=inner_iters, mask_iters=mask_iters, fixed_mask=fixed_mask, seed=seed, damping=damping,
-                  finalize_iters=finalize_iters, finalize_rounds=finalize_rounds,
-                  finalize_damping=finalize_damping)[0]
+    return _solve(w, g, density, budget, name, opts)[0]
 
 
 def double_sparse_factorize_batch(
@@ -315,7 +362,7 @@ def double_sparse_factorize_batch(
         density: kept fraction in ``(0, 1]``, the same for every layer (so is the budget and its split).
         grams: ``(B, fan_in, fan_in)`` their mean input Grams, or ``None`` (data-free projection).
         names: the ``B`` layer names, for error messages.
-        options: :func:`double_sparse_factorize`'s keyword options (its defaults), shared by the batch.
+        options: the fields of :class:`DSFOptions`, shared by the batch.
 
     Every matrix is its own problem (its own masks, preconditioning and ridge); only the operations
     are batched (batched GEMMs, Cholesky, ``eigh``, a per-matrix ``topk``), which shares their
@@ -339,39 +386,25 @@ def double_sparse_factorize_batch(
     if grams is not None and (not isinstance(grams, Tensor) or grams.dim() != 3 or grams.shape[0] != count):
         shape = tuple(grams.shape) if isinstance(grams, Tensor) else type(grams).__name__
         raise ValueError(f"grams must be ({count}, fan_in, fan_in) for {count} weights, got {shape}")
-    unknown = sorted(set(options) - set(_DEFAULTS))
-    if unknown:
-        raise TypeError(f"double_sparse_factorize_batch() got unexpected option(s) {unknown}; "
-                        f"valid: {sorted(_DEFAULTS)}")
+    opts = DSFOptions.of(options, names)
     if count == 1:  # the single-matrix path: its 2-D operations are cheaper than a batch of one
         return [double_sparse_factorize(weights[0], density, None if grams is None else grams[0], name=names[0],
                                         **options)]
     for i in range(count):
         budget = validate_problem(weights[i], density, None if grams is None else grams[i], names[i])
     w, g = working_copy(weights, grams)
-    return _solve(w, g, density, budget, names, **{**_DEFAULTS, **options})
+    return _solve(w, g, density, budget, names, opts)
 
 
-def _solve(
-    w: Tensor, g: Tensor | None, density: float, budget: int, names: str | Sequence[str | None] | None, *,
-    preset: Preset, square_share: float | SplitRule | None, input_norm_scaling: bool | None,
-    finalize: Sequence[Side] | None, outer_iters: int, inner_iters: int, mask_iters: int, fixed_mask: bool,
-    seed: int, damping: float, finalize_iters: int, finalize_rounds: int, finalize_damping: float,
-) -> list[Factorization]:
+def _solve(w: Tensor, g: Tensor | None, density: float, budget: int, names: str | Sequence[str | None] | None,
+           o: DSFOptions) -> list[Factorization]:
     """The factorization of checked working copies ``w`` ``(out, fan_in)`` / ``g`` ``(fan_in, fan_in)``, or of a
     batch ``(B, out, fan_in)`` / ``(B, fan_in, fan_in)`` with ``B`` names: one :class:`Factorization` per matrix."""
     name = where_names(names)
-    if preset not in PRESETS:
-        raise ValueError(f"{where(name)}preset must be one of {PRESETS}, got {preset!r}")
     out, fan_in = w.shape[-2:]
-    scaling = (preset == "llm") if input_norm_scaling is None else input_norm_scaling
-    finalize = tuple(("first", "second") if finalize is None else finalize) if g is not None else ()
-    if not set(finalize) <= {"first", "second"}:
-        raise ValueError(f"{where(name)}finalize must name 'first' and/or 'second', got {finalize!r}")
-    if min(outer_iters, inner_iters, mask_iters, finalize_rounds) < 1:
-        raise ValueError(f"{where(name)}outer_iters, inner_iters, mask_iters and finalize_rounds must be >= 1, "
-                         f"got {outer_iters}, {inner_iters}, {mask_iters}, {finalize_rounds}")
-    square_share = "auto" if square_share is None else square_share
+    scaling = (o.preset == "llm") if o.input_norm_scaling is None else o.input_norm_scaling
+    finalize = (("first", "second") if o.finalize is None else o.finalize) if g is not None else ()
+    square_share = "auto" if o.square_share is None else o.square_share
     square_nnz = square_factor_nnz(square_share, density, out, fan_in, name)
     other_nnz = budget - square_nnz
 
@@ -381,12 +414,12 @@ def _solve(
     transposed = out > fan_in
     r = min(out, fan_in)
     sq_mask = None
-    if fixed_mask:  # shared in the layer's own orientation: the mask of second, or of first when transposed
-        sq_mask = random_square_mask(r, square_nnz, seed, w.device)
+    if o.fixed_mask:  # shared in the layer's own orientation: the mask of second, or of first when transposed
+        sq_mask = random_square_mask(r, square_nnz, o.seed, w.device)
         sq_mask = (sq_mask.T if transposed else sq_mask).expand(*w.shape[:-2], r, r).contiguous()
     sq, other, mask_sq, mask_other = _alternate(
         w_scaled.mT if transposed else w_scaled, square_nnz, other_nnz, sq_mask,
-        outer_iters=outer_iters, inner_iters=inner_iters, mask_iters=mask_iters, damping=damping)
+        outer_iters=o.outer_iters, inner_iters=o.inner_iters, mask_iters=o.mask_iters, damping=o.damping)
     if transposed:
         second, first, second_mask, first_mask = other.mT, sq.mT, mask_other.mT, mask_sq.mT
     else:
@@ -394,23 +427,18 @@ def _solve(
     if norm is not None:
         first = first / norm[..., None, :]
 
-    for _ in range(finalize_rounds):
+    for _ in range(o.finalize_rounds):
         if "first" in finalize:
-            first = finalize_first(w, g, first, second, first_mask, iters=finalize_iters, damping=finalize_damping)
+            first = finalize_first(w, g, first, second, first_mask, iters=o.finalize_iters, damping=o.finalize_damping)
         if "second" in finalize:
-            second = finalize_second(w, g, first, second, second_mask, iters=finalize_iters,
-                                     damping=finalize_damping)
+            second = finalize_second(w, g, first, second, second_mask, iters=o.finalize_iters,
+                                     damping=o.finalize_damping)
 
     info = dict(square_nnz=square_nnz, other_nnz=other_nnz, budget=budget, transposed=transposed,
                 square_share=square_share if isinstance(square_share, str) else float(square_share),
                 square_fraction=square_nnz / budget, square_density=square_nnz / (r * r),
-                input_norm_scaling=norm is not None, finalize=finalize, fixed_mask=fixed_mask)
+                input_norm_scaling=norm is not None, finalize=finalize, fixed_mask=o.fixed_mask)
     if w.dim() == 2:
         return [scored_factorization("dsf", w, g, first, first_mask, second, second_mask, **info)]
     return [scored_factorization("dsf", w[i], None if g is None else g[i], first[i].clone(), first_mask[i].clone(),
                                  second[i].clone(), second_mask[i].clone(), **info) for i in range(w.shape[0])]
-
-
-#: :func:`double_sparse_factorize`'s keyword options and their defaults (what the batch call accepts).
-_DEFAULTS = {n: p.default for n, p in inspect.signature(double_sparse_factorize).parameters.items()
-             if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "name"}
