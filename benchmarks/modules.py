@@ -5,7 +5,7 @@ timed variants run round-robin (one step of each in turn), so machine load hits 
 
 1. Fine-tune step (forward + backward + SGD momentum step) of a ResNet-20 (CIFAR, batch of
    3x32x32) with every conv except the first DSF-pruned at ``--density`` (data-free projection,
-   ``outer_iters=5``), in the fused / sequential / auto forward modes (masked storage) and auto in the
+   ``outer_iters=5``), in the fused / two-step / auto forward modes (masked storage) and auto in the
    compressed storage, and of a magnitude-pruned one (SparseConv2d) in either storage, relative to the
    dense network; likewise a small LLaMA
    (``LlamaForCausalLM``, random init) with all decoder linears replaced.
@@ -122,7 +122,7 @@ def bench_steps(args: argparse.Namespace) -> None:
     y = torch.randint(0, 10, (args.batch,))
     t0 = time.perf_counter()
     variants = {"dense": dense}
-    for mode in ("fused", "sequential", "auto"):
+    for mode in ("fused", "two_step", "auto"):
         variants[f"dsf {mode}"] = pruned_copy(dense, targets, "dsf", args.density, mode)
     variants["dsf auto, compressed"] = pruned_copy(dense, targets, "dsf", args.density, "auto", storage="compressed")
     variants["magnitude (SparseConv2d)"] = pruned_copy(dense, targets, "magnitude", args.density)
@@ -139,7 +139,7 @@ def bench_steps(args: argparse.Namespace) -> None:
     ids = torch.randint(0, args.llama_vocab, (args.llama_batch, args.llama_seq))
     t0 = time.perf_counter()
     variants = {"dense": dense}
-    for mode in ("fused", "sequential", "auto"):
+    for mode in ("fused", "two_step", "auto"):
         variants[f"dsf {mode}"] = pruned_copy(dense, targets, "dsf", args.density, mode)
     variants["dsf auto, compressed"] = pruned_copy(dense, targets, "dsf", args.density, "auto", storage="compressed")
     variants["magnitude (SparseLinear)"] = pruned_copy(dense, targets, "magnitude", args.density)

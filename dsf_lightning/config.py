@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dsf_lightning.factorization import check_density, get_method
-from dsf_lightning.modules import FORWARD_MODES, ForwardMode, Storage, check_storage
+from dsf_lightning.modules import ForwardMode, Storage, check_forward_mode, check_storage
 from dsf_lightning.pipeline.allocation import Allocation, check_allocation_options
 from dsf_lightning.pipeline.targets import FAMILIES, Family, as_patterns
 
@@ -53,7 +53,8 @@ class PruneConfig:
         sequential: calibrate decoder blocks one after the other, each on the outputs of the pruned
             blocks before it (:mod:`~dsf_lightning.pipeline.blocks`; LLMs), instead of all targets in one pass
             of the dense model. Needs calibration data.
-        forward_mode: of the DSF modules: ``"auto"``, ``"fused"`` or ``"sequential"``.
+        forward_mode: of the DSF modules: ``"auto"``, ``"fused"`` or ``"two_step"`` (the old name
+            ``"sequential"`` is read as ``"two_step"``).
         balance_norms: balance the two factors' norms per rank channel after pruning (paper 4.4).
         storage: how the pruned modules hold their factors (:mod:`~dsf_lightning.modules.storage`):
             ``"masked"`` (full-size parameters times bool masks) or ``"compressed"`` (the nonzeros as
@@ -100,8 +101,7 @@ class PruneConfig:
                              f"(or None to use every batch given)")
         if self.sequential and not self.calibrated:
             raise ValueError("sequential=True prunes layer-wise block by block: set calibration_batches > 0 (or None)")
-        if self.forward_mode not in FORWARD_MODES:
-            raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {self.forward_mode!r}")
+        put("forward_mode", check_forward_mode(self.forward_mode))
         if not isinstance(self.balance_norms, bool):
             raise ValueError(f"balance_norms must be a bool, got {self.balance_norms!r}")
         check_storage(self.storage)

@@ -233,7 +233,7 @@ def test_load_packed_into_already_pruned_structure(pruned, images, tmp_path):
         for p in target.parameters():
             p.zero_()
     fc = target.body.fc
-    fc.forward_mode = "sequential"  # a runtime choice, not part of the structure check
+    fc.forward_mode = "two_step"  # a runtime choice, not part of the structure check
     assert load_packed(target, path) is target and target.body.fc is fc  # filled in place
     with torch.no_grad():
         assert torch.equal(target(images), pruned(images))

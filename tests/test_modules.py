@@ -31,7 +31,7 @@ def dsf(layer: nn.Module, density: float = 0.3):
 
 def both_paths(m, x):
     outs = {}
-    for mode in ("fused", "sequential", "auto"):
+    for mode in ("fused", "two_step", "auto"):
         m.forward_mode = mode
         outs[mode] = m(x)
     m.forward_mode = "auto"
@@ -204,7 +204,7 @@ def test_amp_bf16_autocast_keeps_masks_exact(builder):
     torch.manual_seed(6)
     m, x = BUILDERS[builder]()
     nnz0, before = m.nnz, [p.detach().clone() for p, _ in m.masked_parameters()]
-    for mode in ("fused", "sequential") if builder.startswith("dsf") else ("auto",):
+    for mode in ("fused", "two_step") if builder.startswith("dsf") else ("auto",):
         if builder.startswith("dsf"):
             m.forward_mode = mode
         _train(m, x, OPTIMIZERS["adamw"](m.parameters()), steps=10, autocast_dtype=torch.bfloat16)
@@ -224,7 +224,7 @@ def test_gradients_of_masked_entries_are_exactly_zero():
     torch.manual_seed(8)
     for build in BUILDERS.values():
         m, x = build()
-        for mode in ("fused", "sequential"):
+        for mode in ("fused", "two_step"):
             if hasattr(m, "forward_mode"):
                 m.forward_mode = mode
             m.zero_grad()
@@ -288,21 +288,34 @@ def test_empty_constructors_match_brief_signatures():
 
 def test_choose_forward_path_and_auto_mode():
     # one token: fused would pay out*r*fan_in to form the weight; many tokens amortize it
-    assert choose_forward_path(64, 64, 256, 1) == "sequential"
+    assert choose_forward_path(64, 64, 256, 1) == "two_step"
     assert choose_forward_path(64, 64, 256, 10_000) == "fused"
-    assert choose_forward_path(64, 8, 256, 10_000) == "sequential"  # low rank: two thin ops win
+    assert choose_forward_path(64, 8, 256, 10_000) == "two_step"  # low rank: two thin ops win
     layer = nn.Linear(32, 32)
     m = DSFLinear.from_factorization(layer, dsf(layer))
-    assert m.forward_path(torch.randn(32)) == "sequential"
+    assert m.forward_path(torch.randn(32)) == "two_step"
     assert m.forward_path(torch.randn(8, 64, 32)) == "fused"
-    m.forward_mode = "sequential"
-    assert m.forward_path(torch.randn(8, 64, 32)) == "sequential"
+    m.forward_mode = "two_step"
+    assert m.forward_path(torch.randn(8, 64, 32)) == "two_step"
     with pytest.raises(ValueError, match="forward_mode"):
         m.forward_mode = "dense"
     conv = nn.Conv2d(16, 16, 3, padding=1)
     mc = DSFConv2d.from_factorization(conv, dsf(conv), forward_mode="auto")
-    assert mc.forward_path(torch.randn(1, 16, 1, 1)) == "sequential"
+    assert mc.forward_path(torch.randn(1, 16, 1, 1)) == "two_step"
     assert mc.forward_path(torch.randn(8, 16, 32, 32)) == "fused"
+
+
+def test_the_old_forward_mode_name_in_saved_files_reads_as_two_step():
+    from dsf_lightning import PruneConfig, apply_structure_spec
+
+    spec = {"format": "dsf-lightning/structure", "version": 1, "modules": [
+        {"name": "0", "class": "DSFLinear", "method": "dsf", "density": 0.5,
+         "kwargs": {"in_features": 8, "out_features": 4, "rank": 4, "bias": True, "forward_mode": "sequential"}}]}
+    model = apply_structure_spec(nn.Sequential(nn.Linear(8, 4)), spec)  # a spec written before the rename
+    assert model[0].forward_mode == "two_step"
+    assert PruneConfig(0.5, forward_mode="sequential").forward_mode == "two_step"
+    with pytest.raises(ValueError, match=r"forward_mode must be one of \('auto', 'fused', 'two_step'\)"):
+        DSFLinear(8, 4, 4, forward_mode="seq")
 
 
 def test_properties_repr_and_dtype():

@@ -9,7 +9,7 @@ import torch
 from numerics import assert_rel_close  # tests/ is on sys.path
 
 from dsf_lightning.modules import DSFConv2d, DSFLinear, SparseConv2d
-from dsf_lightning.persistence.structure import load_pruned, merge, save_pruned
+from dsf_lightning.persistence.structure import load_pruned, save_pruned, to_dense
 from dsf_lightning.pipeline.entry import prune
 from dsf_lightning.pipeline.targets import find_targets
 
@@ -55,7 +55,7 @@ def test_smollm2_block_prune_round_trip_and_merge(smollm2, wiki_token_batches, t
     with torch.no_grad():
         logits = pruned(input_ids=ids).logits
         assert torch.equal(logits, fresh(input_ids=ids).logits)
-        merge(fresh)
+        to_dense(fresh)
         # S @ F formed once vs x F^T S^T: fp32 rounding through 30 blocks of (576 + 576 + 1536)-term dots
         assert_rel_close(fresh(input_ids=ids).logits, logits, depth=30 * (576 + 576 + 1536), dtype=torch.float32)
         # one block at 50% barely moves the model: next-token loss within 10% of dense

@@ -64,7 +64,7 @@ def test_compressed_holds_only_the_nonzeros(both):
             assert torch.equal(a.factor(name), b.factor(name))
 
 
-@pytest.mark.parametrize("mode", ["fused", "sequential"])
+@pytest.mark.parametrize("mode", ["fused", "two_step"])
 def test_same_function_and_gradients(both, mode):
     masked, compressed = (copy.deepcopy(m) for m in both)
     for m in (masked, compressed):

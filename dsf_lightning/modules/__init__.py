@@ -18,7 +18,14 @@ from torch import nn
 from dsf_lightning.factorization import Factorization
 from dsf_lightning.layers import layer_kind, weight_matrix
 from dsf_lightning.modules.base import ConvGeometry, MaskedLayer
-from dsf_lightning.modules.dsf import FORWARD_MODES, DSFConv2d, DSFLinear, ForwardMode, choose_forward_path
+from dsf_lightning.modules.dsf import (
+    FORWARD_MODES,
+    DSFConv2d,
+    DSFLinear,
+    ForwardMode,
+    check_forward_mode,
+    choose_forward_path,
+)
 from dsf_lightning.modules.sparse import SparseConv2d, SparseLinear
 from dsf_lightning.modules.storage import STORAGES, Storage, check_storage
 
@@ -34,6 +41,7 @@ __all__ = [
     "SparseConv2d",
     "SparseLinear",
     "Storage",
+    "check_forward_mode",
     "check_storage",
     "choose_forward_path",
     "is_pruned_module",

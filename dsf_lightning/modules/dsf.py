@@ -6,7 +6,7 @@
   padding, dilation and padding mode; ``second`` is a 1x1 conv ``rank -> out`` carrying the bias.
 
 They run in one of two equivalent ways: *fused* forms ``W = S F`` once and runs one dense op;
-*sequential* runs the two factors as two ops. ``forward_mode="auto"`` picks the one with fewer
+*two-step* runs the two factors as two ops. ``forward_mode="auto"`` picks the one with fewer
 multiplies (:func:`choose_forward_path`).
 """
 
@@ -30,22 +30,32 @@ from dsf_lightning.modules.base import (
 )
 from dsf_lightning.modules.storage import Storage
 
-__all__ = ["FORWARD_MODES", "DSFConv2d", "DSFLinear", "ForwardMode", "choose_forward_path"]
+__all__ = ["FORWARD_MODES", "DSFConv2d", "DSFLinear", "ForwardMode", "check_forward_mode", "choose_forward_path"]
 
-ForwardMode = Literal["auto", "fused", "sequential"]
-ForwardPath = Literal["fused", "sequential"]
-FORWARD_MODES: tuple[ForwardMode, ...] = ("auto", "fused", "sequential")
+ForwardMode = Literal["auto", "fused", "two_step"]
+ForwardPath = Literal["fused", "two_step"]
+FORWARD_MODES: tuple[ForwardMode, ...] = ("auto", "fused", "two_step")
+#: Names saved files may still hold (structure specs and configs written before the rename).
+FORWARD_MODE_ALIASES = {"sequential": "two_step"}
+
+
+def check_forward_mode(mode: Any) -> ForwardMode:
+    """``mode`` if it is one of :data:`FORWARD_MODES` (an old name is translated), else ``ValueError``."""
+    mode = FORWARD_MODE_ALIASES.get(mode, mode) if isinstance(mode, str) else mode
+    if mode not in FORWARD_MODES:
+        raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {mode!r}")
+    return mode
 
 
 def choose_forward_path(out: int, rank: int, fan_in: int, tokens: int) -> ForwardPath:
     """The DSF forward with fewer multiplies for ``tokens`` input positions.
 
-    fused: ``out*r*fan_in`` (form ``S F``) ``+ T*out*fan_in``; sequential: ``T*(r*fan_in + out*r)``.
-    Ties go to sequential, which never materializes the dense weight.
+    fused: ``out*r*fan_in`` (form ``S F``) ``+ T*out*fan_in``; two-step: ``T*(r*fan_in + out*r)``.
+    Ties go to two-step, which never materializes the dense weight.
     """
     fused = out * rank * fan_in + tokens * out * fan_in
-    sequential = tokens * (rank * fan_in + out * rank)
-    return "fused" if fused < sequential else "sequential"
+    two_step = tokens * (rank * fan_in + out * rank)
+    return "fused" if fused < two_step else "two_step"
 
 
 class _TwoFactor(MaskedLayer):
@@ -73,14 +83,12 @@ class _TwoFactor(MaskedLayer):
 
     @property
     def forward_mode(self) -> ForwardMode:
-        """``"auto"`` (fewer multiplies, per call), ``"fused"`` or ``"sequential"``."""
+        """``"auto"`` (fewer multiplies, per call), ``"fused"`` or ``"two_step"``."""
         return self._forward_mode
 
     @forward_mode.setter
     def forward_mode(self, mode: ForwardMode) -> None:
-        if mode not in FORWARD_MODES:
-            raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {mode!r}")
-        self._forward_mode = mode
+        self._forward_mode = check_forward_mode(mode)
 
     def _product(self) -> Tensor:
         """``(out, fan_in)`` ``S F`` of the masked factors, differentiable."""
@@ -125,7 +133,8 @@ class DSFLinear(_TwoFactor):
         in_features, out_features, rank: shapes; masks start all-True (an empty module to load
             a pruned checkpoint into). Build a pruned one with :meth:`from_factorization`.
         bias: learnable ``(out,)`` bias, added after ``S``.
-        forward_mode: ``"auto"``, ``"fused"`` or ``"sequential"`` (settable attribute).
+        forward_mode: ``"auto"``, ``"fused"`` or ``"two_step"`` (settable attribute; the old name
+            ``"sequential"`` is read as ``"two_step"``).
         storage: ``"masked"`` or ``"compressed"`` (:mod:`~dsf_lightning.modules.storage`).
     """
 

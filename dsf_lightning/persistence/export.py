@@ -1,4 +1,4 @@
-"""Leaving the masked training form: merge to dense, packed storage, CSR inference on CPU.
+"""Leaving the masked training form: the merged dense state dict, packed storage, CSR inference on CPU.
 
 Three exits from a pruned model (one holding :mod:`dsf_lightning.modules` layers):
 

@@ -29,7 +29,7 @@ from typing import Any, Generic, Literal, Self, TypeVar
 
 import yaml
 
-__all__ = ["Config", "ConfigParser", "Flag", "flag", "from_data", "group", "load_yaml", "merge", "to_data"]
+__all__ = ["Config", "ConfigParser", "Flag", "flag", "from_data", "group", "load_yaml", "overlay", "to_data"]
 
 C = TypeVar("C", bound="Config")
 
@@ -72,13 +72,13 @@ def from_data(cls: type[C], data: Mapping[str, Any], flag_names: Mapping[str, Se
         ValueError: an unknown key, a value of the wrong type, or one its dataclass rejects (the message
             names the dotted field and, from ``flag_names`` (path -> flags), the flags that set it).
     """
-    return _build(cls, merge(cls, to_data(cls()), data), "", flag_names or {})
+    return _build(cls, overlay(cls, to_data(cls()), data), "", flag_names or {})
 
 
-def merge(cls: type, base: dict[str, Any], update: Any, path: str = "") -> dict[str, Any]:
+def overlay(cls: type, base: dict[str, Any], update: Any, path: str = "") -> dict[str, Any]:
     """``base`` (the plain data of ``cls``) with ``update`` deep-merged over it, section by section.
 
-    Only dataclass sections merge key by key; any other value (a dict-valued option included) is
+    Only dataclass sections overlay key by key; any other value (a dict-valued option included) is
     replaced whole.
     """
     where = f"{path!r}" if path else "the top level"
@@ -91,7 +91,7 @@ def merge(cls: type, base: dict[str, Any], update: Any, path: str = "") -> dict[
     out = dict(base)
     for key, value in update.items():
         section = _section(hints[key])
-        out[key] = merge(section, base[key], value, _join(path, key)) if section else copy.deepcopy(value)
+        out[key] = overlay(section, base[key], value, _join(path, key)) if section else copy.deepcopy(value)
     return out
 
 
@@ -305,7 +305,7 @@ class ConfigParser(Generic[C]):
             path = given["config"]
             update = load_yaml(path)
             try:
-                data = merge(self.config_cls, data, update)
+                data = overlay(self.config_cls, data, update)
             except ValueError as e:
                 raise ValueError(f"--config {path!r}: {e}") from None
         for dest, value in given.items():
