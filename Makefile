@@ -42,7 +42,7 @@ bench: $(STAMP)
 # ResNet-20 on the offline digits default: dense training, DSF vs magnitude at density 0.1, fine-tuning
 # (a few minutes on 2 CPU cores; one thread per process as measured in benchmarks/RESULTS.md).
 demo: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m dsf_lightning.demo
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m dsf_lightning.recipes.demo
 
 # The LLM recipe on its offline default: the real SmolLM2-135M, DSF at density 0.5 on Wikipedia windows,
 # perplexity dense / pruned / fine-tuned on held-out articles, exports; shortened for 2 CPU cores

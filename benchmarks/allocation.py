@@ -1,6 +1,6 @@
 """Global budget allocation against uniform density at the same total budget (issue: "spend the budget well").
 
-``vision``: the ResNet-20 demo (``python -m dsf_lightning.demo``) at one density for several seeds, each
+``vision``: the ResNet-20 demo (``python -m dsf_lightning.recipes.demo``) at one density for several seeds, each
 seed's dense weights trained once and then pruned under every allocation rule (DSF and magnitude,
 data-free, as the demo does); prints pre-fine-tuning, BN-recalibrated and post-fine-tuning accuracy.
 
@@ -23,7 +23,7 @@ RULES = ("uniform", "global", "owl")
 
 
 def vision(args: argparse.Namespace) -> None:
-    from dsf_lightning.demo import main as demo
+    from dsf_lightning.recipes.demo import main as demo
 
     rows: dict[tuple[str, str], list[dict[str, float]]] = {}
     for seed in args.seeds:

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from dsf_lightning.compare import main, markdown_table
-from dsf_lightning.runs import find_runs
+from dsf_lightning.runs.compare import main, markdown_table
+from dsf_lightning.runs.records import find_runs
 
 
 def _results(path, model, method, density, seed, metrics=None, perplexity=None, allocation="uniform"):
@@ -98,7 +98,7 @@ def test_callback_runs_in_csv_logs(tmp_path, capsys):
 
 
 def test_run_identity_names_and_variants(tmp_path):
-    from dsf_lightning.runs import method_label, run_identity, run_name
+    from dsf_lightning.runs.records import method_label, run_identity, run_name
 
     who = run_identity("resnet20-32", "dsf", 0.1, 0)
     assert run_name(who) == "resnet20-32-dsf-d0.1-s0"
@@ -116,7 +116,7 @@ def test_run_identity_names_and_variants(tmp_path):
 
 def test_dashboard_report_is_built_from_the_logging_conventions():
     pytest.importorskip("wandb_workspaces")  # a dev dependency; the check needs no network
-    from dsf_lightning.dashboard import STAGES_SHOWN, build_report
+    from dsf_lightning.runs.dashboard import STAGES_SHOWN, build_report
 
     report = build_report("me", "dsf-llm", "ppl/wikipedia", group="smollm2-135m-wikipedia", log_y=True)
     grid = next(b for b in report.blocks if hasattr(b, "panels"))
@@ -147,7 +147,7 @@ def test_dense_wandb_runs_and_tuple_hparams_are_read_without_error(tmp_path):
 
 
 def _sweep(densities, seeds=(0, 1)):
-    from dsf_lightning.runs import RunRecord
+    from dsf_lightning.runs.records import RunRecord
 
     return [RunRecord("r20", method, d, seed, metrics={
         "dense": {"val_acc": 0.99}, "pre_finetune": {"val_acc": base * d + 0.01 * seed},
@@ -156,7 +156,7 @@ def _sweep(densities, seeds=(0, 1)):
 
 
 def test_one_density_is_drawn_as_grouped_bars_per_stage():
-    from dsf_lightning.compare import figure
+    from dsf_lightning.runs.compare import figure
 
     fig = figure(_sweep([0.1]), "val_acc", "r20")
     (ax,) = fig.axes
@@ -169,7 +169,7 @@ def test_one_density_is_drawn_as_grouped_bars_per_stage():
 
 
 def test_a_sweep_has_a_log_density_axis_and_error_bars():
-    from dsf_lightning.compare import figure
+    from dsf_lightning.runs.compare import figure
 
     fig = figure(_sweep([0.05, 0.1, 0.25]), "val_acc", "r20")
     assert len(fig.axes) == 2  # before and after fine-tuning
@@ -180,8 +180,8 @@ def test_a_sweep_has_a_log_density_axis_and_error_bars():
 
 
 def test_verdict_is_computed_from_the_seed_means_and_spread():
-    from dsf_lightning.compare import verdict
-    from dsf_lightning.runs import RunRecord
+    from dsf_lightning.runs.compare import verdict
+    from dsf_lightning.runs.records import RunRecord
 
     def runs(method, density, accs):
         return [RunRecord("r20", method, density, s, metrics={"post_finetune": {"val_acc": a}})

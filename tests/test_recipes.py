@@ -178,7 +178,7 @@ def test_resnet20_real_tiny_run_wandb_offline(tmp_path):
     assert state["total"] == state["parameters"] + state["gradients"] + state["optimizer"] + state["buffers"]
     assert state["gradients"] == state["parameters"] and memory["peak_bytes"] > state["total"]
     # dsf-compare reads the run back once (results.json and its W&B copy are the same run)
-    from dsf_lightning.runs import find_runs
+    from dsf_lightning.runs.records import find_runs
 
     (record,) = find_runs([tmp_path])
     assert record.metrics["post_finetune"]["val_acc"] == written["metrics"]["post_finetune/val_acc"]

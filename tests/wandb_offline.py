@@ -1,11 +1,11 @@
-"""Read the one offline W&B run under a folder back (``dsf_lightning.runs.read_wandb_file``), for tests."""
+"""Read the one offline W&B run under a folder back (``dsf_lightning.runs.records.read_wandb_file``), for tests."""
 
 from __future__ import annotations
 
 import glob
 import os
 
-from dsf_lightning.runs import read_wandb_file
+from dsf_lightning.runs.records import read_wandb_file
 
 
 def wandb_records(save_dir) -> dict[str, dict]:

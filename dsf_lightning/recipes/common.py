@@ -25,7 +25,7 @@ from dsf_lightning.callbacks import DSFPruneCallback, FiniteLossGuard, TrainingM
 from dsf_lightning.persistence.files import read_torch_file, save_torch_file, write_json, write_text
 from dsf_lightning.recipes.cli import ConfigParser
 from dsf_lightning.recipes.sections import RecipeConfig
-from dsf_lightning.runs import method_label, run_identity, run_name
+from dsf_lightning.runs.records import method_label, run_identity, run_name
 
 __all__ = [
     "Prepared",
@@ -67,7 +67,7 @@ def wandb_has_credentials() -> bool:
 
 
 def identity(config: RecipeConfig, model: str) -> dict[str, Any]:
-    """The run's :func:`~dsf_lightning.runs.run_identity` from its prune section and seed."""
+    """The run's :func:`~dsf_lightning.runs.records.run_identity` from its prune section and seed."""
     p = config.prune
     return run_identity(model, p.method, p.density, config.run.seed, p.allocation, dict(p.factorization_options))
 

@@ -56,7 +56,7 @@ from dsf_lightning.recipes.common import (
     wandb_summary,
     write_config,
 )
-from dsf_lightning.runs import run_name
+from dsf_lightning.runs.records import run_name
 
 __all__ = ["STRATEGIES", "LlamaPrepared", "execute_llama", "export_pruned", "launch", "protocol_record", "versions"]
 

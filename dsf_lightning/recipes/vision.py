@@ -40,7 +40,7 @@ from dsf_lightning.recipes.common import (
     write_results,
 )
 from dsf_lightning.recipes.sections import FinetuneConfig, LoggingConfig, RunConfig, shared_flags
-from dsf_lightning.runs import run_name
+from dsf_lightning.runs.records import run_name
 
 __all__ = [
     "DenseConfig",

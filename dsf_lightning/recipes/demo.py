@@ -1,6 +1,6 @@
 """Offline demo: the ResNet-20 recipe end to end on real handwritten digits, DSF against magnitude.
 
-``python -m dsf_lightning.demo`` (what ``make demo`` runs) uses the logic of
+``python -m dsf_lightning.recipes.demo`` (what ``make demo`` runs) uses the logic of
 ``recipes/resnet20_cifar10.py`` on its offline default, scikit-learn's 1,797 real 8x8 digits
 (upsampled to 3x16x16, stratified 80/20 train/val split). It trains a ResNet-20 of width 32 (the
 paper's "Resnet-20-32") densely for 30 epochs (SGD lr 0.1, momentum 0.9, batch 32, weight decay
@@ -14,7 +14,7 @@ at 0.1, the recipe's CIFAR rate, fine-tuning lowered DSF below its BN-recalibrat
 "Demo fine-tuning") and evaluates again. Each run writes ``<output dir>/<run name>/results.json`` and an
 offline W&B run under ``./wandb`` (project ``dsf-digits``, group ``resnet20-32-digits``). It ends with the
 ``dsf-compare`` table of its runs (mean +- std over the seeds, a column per stage), one sentence computed
-from it (:func:`~dsf_lightning.compare.verdict`: where DSF leads, ties or trails magnitude after
+from it (:func:`~dsf_lightning.runs.compare.verdict`: where DSF leads, ties or trails magnitude after
 fine-tuning) and the plot (``<output dir>/resnet20-32-val_acc.png``). Deterministic for given seeds on
 CPU; nothing is downloaded.
 
@@ -43,7 +43,6 @@ from dataclasses import replace
 import lightning.pytorch as pl
 
 from dsf_lightning import __version__
-from dsf_lightning.compare import markdown_table, plot, verdict
 from dsf_lightning.config import PruneConfig
 from dsf_lightning.persistence.files import write_json
 from dsf_lightning.pipeline.allocation import ALLOCATIONS
@@ -62,7 +61,8 @@ from dsf_lightning.recipes import (
     prune_and_finetune,
     train_dense,
 )
-from dsf_lightning.runs import find_runs, run_name
+from dsf_lightning.runs.compare import markdown_table, plot, verdict
+from dsf_lightning.runs.records import find_runs, run_name
 
 #: the sweep of ``make demo``: one density at or below 0.05, where the methods separate
 DENSITIES = (0.1, 0.05, 0.02)

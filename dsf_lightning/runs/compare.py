@@ -1,9 +1,9 @@
 """Comparing runs: metric by model, method and density (mean +- std over seeds) as a table and as plots.
 
-    python -m dsf_lightning.compare lightning_logs/ wandb/       # or the console command dsf-compare
+    python -m dsf_lightning.runs.compare lightning_logs/ wandb/       # or the console command dsf-compare
     dsf-compare runs/ --metric val_acc --plot-dir plots/
 
-Runs are read by :func:`dsf_lightning.runs.find_runs` (recipe ``results.json`` files, Lightning CSV
+Runs are read by :func:`dsf_lightning.runs.records.find_runs` (recipe ``results.json`` files, Lightning CSV
 logs, offline W&B runs) and grouped by model, method, density and allocation. For every metric the
 table has one row per group and one column per stage (dense, before fine-tuning, after BatchNorm
 recalibration, after fine-tuning); a stage no run of the group reached shows as ``-`` (the group is
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dsf_lightning.runs import STAGES, RunRecord, find_runs
+from dsf_lightning.runs.records import STAGES, RunRecord, find_runs
 
 __all__ = ["default_metrics", "figure", "group", "main", "markdown_table", "plot", "verdict"]
 

@@ -1,7 +1,7 @@
 """The W&B dashboard: a Report of the paper's figures, metric against density per method, before and after fine-tuning.
 
-    python -m dsf_lightning.dashboard --entity ME --project dsf-cifar10   # val_acc
-    python -m dsf_lightning.dashboard --entity ME --project dsf-llm --metric ppl/wikipedia --log-y
+    python -m dsf_lightning.runs.dashboard --entity ME --project dsf-cifar10   # val_acc
+    python -m dsf_lightning.runs.dashboard --entity ME --project dsf-llm --metric ppl/wikipedia --log-y
 
 Reads nothing locally: the Report queries the project's runs by the conventions every recipe (and
 ``DSFPruneCallback`` through them) logs by (docs/ARCHITECTURE.md, "W&B conventions"): the run config's
@@ -44,12 +44,12 @@ def build_report(entity: str, project: str, metric: str = "val_acc", *, title: s
         wr.PanelGrid(runsets=[runset], panels=panels),
     ]
     return wr.Report(project=project, entity=entity, title=title or f"DSF: {metric} vs density ({project})",
-                     description="made by python -m dsf_lightning.dashboard", blocks=blocks, width="fluid")
+                     description="made by python -m dsf_lightning.runs.dashboard", blocks=blocks, width="fluid")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Build the Report and save it to W&B; prints its URL."""
-    p = argparse.ArgumentParser(prog="python -m dsf_lightning.dashboard", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m dsf_lightning.runs.dashboard", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--entity", required=True, help="W&B entity (user or team) that owns the project")
     p.add_argument("--project", required=True, help="W&B project, e.g. dsf-cifar10 or dsf-llm")
