@@ -101,7 +101,7 @@ from dsf_lightning.persistence.files import atomic_folder  # noqa: E402
 from dsf_lightning.persistence.structure import load_pruned, nonzeros_outside_masks, save_pruned  # noqa: E402
 from dsf_lightning.pipeline.entry import prune  # noqa: E402
 from dsf_lightning.recipes import llama_main  # noqa: E402
-from dsf_lightning.recipes.llm_run import export_pruned  # noqa: E402
+from dsf_lightning.recipes.llm.run import export_pruned  # noqa: E402
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -362,7 +362,7 @@ def test_export_killed_between_files_keeps_the_previous_export(exported, tiny_ll
         f"sys.path[:0] = [{ROOT!r}]\n"
         "from dsf_lightning.models import load_causal_lm\n"
         "from dsf_lightning.pipeline.entry import prune\n"
-        "from dsf_lightning.recipes.llm_run import export_pruned\n"
+        "from dsf_lightning.recipes.llm.run import export_pruned\n"
         f"model, tok, _ = load_causal_lm({str(tiny_llama)!r})\n"
         "prune(model, 0.3, 'magnitude', progress=False)\n"
         "type(tok).save_pretrained = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # after the packed file\n"

@@ -403,7 +403,7 @@ def test_finetuning_the_pruned_real_model_lowers_held_out_perplexity(smol2_dir, 
 @pytest.fixture
 def no_work(monkeypatch):
     """Fails the test if pruning or any Trainer.fit starts."""
-    import dsf_lightning.recipes.llm_run as llm_run
+    import dsf_lightning.recipes.llm.run as llm_run
 
     def fail(*a, **k):
         raise AssertionError("work started")

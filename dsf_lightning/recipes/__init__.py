@@ -12,18 +12,22 @@ from dsf_lightning.recipes.common import (
     train_dense,
     wandb_has_credentials,
 )
-from dsf_lightning.recipes.llm import (
+from dsf_lightning.recipes.llm.config import (
     ExportConfig,
     LlamaRecipeConfig,
     LLMFinetuneConfig,
     LLMModelConfig,
     TextDataConfig,
-    llama_main,
     llama_parser,
+)
+from dsf_lightning.recipes.llm.run import (
+    LlamaPrepared,
+    execute_llama,
+    export_pruned,
+    llama_main,
     prepare_llama,
     run_llama,
 )
-from dsf_lightning.recipes.llm_run import LlamaPrepared, execute_llama, export_pruned
 from dsf_lightning.recipes.sections import (
     RECIPE_METHODS,
     FinetuneConfig,
@@ -31,7 +35,7 @@ from dsf_lightning.recipes.sections import (
     RecipeConfig,
     RunConfig,
 )
-from dsf_lightning.recipes.vision import (
+from dsf_lightning.recipes.vision.config import (
     DenseConfig,
     ImageNetDataConfig,
     ResNet20Config,
@@ -39,15 +43,17 @@ from dsf_lightning.recipes.vision import (
     ResNet20ModelConfig,
     ResNet50Config,
     ResNet50ModelConfig,
+    resnet20_parser,
+    resnet50_parser,
+)
+from dsf_lightning.recipes.vision.run import (
     execute_resnet20,
     execute_resnet50,
     load_torchvision_resnet50,
     prepare_resnet20,
     prepare_resnet50,
     resnet20_main,
-    resnet20_parser,
     resnet50_main,
-    resnet50_parser,
     run_resnet20,
     run_resnet50,
 )

@@ -1,31 +1,28 @@
-"""The LLM recipe (``recipes/llama.py``): its typed config and flags, and ``prepare`` (every check before any work).
+"""The LLM recipe's typed config and its flags (``recipes/llama.py``); :mod:`.run` checks and runs it.
 
 One run is one :class:`LlamaRecipeConfig` (sections ``model``, ``data``, ``prune``, ``finetune``, ``run``,
 ``logging``, ``export``): ``--print-config`` shows it as YAML, ``--config FILE`` reads it back, and it is
-the W&B run config and ``<output_dir>/config.yaml``. :func:`prepare_llama` loads the model, resolves the
-sequence length, checks the prune against the model and cuts every token window (so a bad model id, a
-too long ``--seq-len``, too little text or an empty file stop the run before anything is computed);
-:func:`~dsf_lightning.recipes.llm_run.execute_llama` runs it.
+the W&B run config and ``<output_dir>/config.yaml``.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
 from dsf_lightning.config import PruneConfig
 from dsf_lightning.data.text import DATASETS, PAPER_SEQ_LEN
 from dsf_lightning.factorization import METHODS
 from dsf_lightning.models.causal_lm import DTYPES, SCHEDULES
 from dsf_lightning.recipes.cli import Config, ConfigParser, flag, group
-from dsf_lightning.recipes.common import recipe_main, with_output_dir
-from dsf_lightning.recipes.llm_run import STRATEGIES, LlamaPrepared, execute_llama, protocol_record
 from dsf_lightning.recipes.sections import LoggingConfig, RunConfig, at_least, shared_flags
 
-__all__ = ["ExportConfig", "LLMFinetuneConfig", "LLMModelConfig", "LlamaRecipeConfig", "TextDataConfig",
-           "llama_main", "llama_parser", "prepare_llama", "run_llama"]
+__all__ = ["STRATEGIES", "ExportConfig", "LLMFinetuneConfig", "LLMModelConfig", "LlamaRecipeConfig", "TextDataConfig",
+           "llama_parser"]
+
+#: Lightning strategies the LLM recipe runs under (``None`` in the config: ``ddp`` on several devices).
+STRATEGIES: tuple[str, ...] = ("ddp", "auto")
 
 
 @dataclass(frozen=True)
@@ -287,76 +284,3 @@ def llama_parser() -> ConfigParser[LlamaRecipeConfig]:
     return ConfigParser(LlamaRecipeConfig, flags, prog="llama.py", description=DESCRIPTION,
                         epilog="example: python recipes/llama.py --model meta-llama/Llama-2-7b-hf --calibration c4 "
                                "--eval wikitext2 --density 0.5 --method dsf --finetune-steps 300 --devices 2")
-
-
-def prepare_llama(config: LlamaRecipeConfig) -> LlamaPrepared:
-    """Every input check of an LLM run and its parts, before any work: the strategy, the text files, the
-    model (offline-aware), the sequence length, the prune against the model, every token window.
-
-    Raises:
-        ValueError: naming the flag and the value (a model that cannot be loaded, ``--seq-len`` beyond the
-            context, too few calibration tokens, an empty or missing text file, ...).
-    """
-    from dsf_lightning.data.text import (
-        calibration_source,
-        calibration_windows,
-        consecutive_windows,
-        eval_sources,
-        eval_windows,
-        model_context,
-        resolve_seq_len,
-    )
-    from dsf_lightning.models.causal_lm import load_causal_lm, model_short_name
-    from dsf_lightning.pipeline.blocks import decoder_blocks
-    from dsf_lightning.pipeline.plan import plan_prune
-
-    data, run, ft = config.data, config.run, config.finetune
-    if (run.strategy or "ddp") not in STRATEGIES:
-        raise ValueError(f"--strategy {run.strategy!r} is not supported by the LLM recipe; use one of {STRATEGIES}")
-    if run.fast_dev_run or run.limit_batches is not None:
-        raise ValueError("run.fast_dev_run and run.limit_batches are not used by the LLM recipe: quick runs use "
-                         "--finetune-steps, --calibration-samples, --eval-samples and --seq-len")
-    world = run.devices * run.num_nodes if isinstance(run.devices, int) else None
-    if world is not None and world > data.calibration_samples:
-        raise ValueError(f"--calibration-samples {data.calibration_samples} is fewer than the {world} processes: "
-                         f"every process calibrates on its share of the windows")
-    calib_src = calibration_source(data.calibration, data.calibration_text)
-    evals_src = eval_sources(data.eval, data.eval_text)
-    model, tokenizer, source = load_causal_lm(config.model.name_or_path, config.model.dtype)
-    context, where = model_context(model, tokenizer)
-    seq_len = resolve_seq_len(data.seq_len, context, where)
-    plan_prune(model, config.prune)
-    if config.prune.sequential:
-        decoder_blocks(model)
-    ft_windows = ft.steps * ft.batch_size * ft.accumulate_grad_batches * (world or 1)
-    cap = max(4 * data.calibration_samples, ft_windows) * seq_len if calib_src.shuffle else None
-    calibration, stream = calibration_windows(tokenizer, calib_src, seq_len, data.calibration_samples,
-                                              config.prune.seed, max_tokens=cap)
-    train = None
-    if ft.steps > 0:
-        train = consecutive_windows(stream, seq_len, what=f"fine-tuning text {calib_src.name!r}")
-        need = ft.batch_size * (world or 1)
-        if train.shape[0] < need:
-            raise ValueError(f"the fine-tuning text {calib_src.name!r} gives {train.shape[0]} windows of {seq_len} "
-                             f"tokens, fewer than one batch of --batch-size {ft.batch_size} on each of {world or 1} "
-                             f"process(es); lower --batch-size or --seq-len, or give more --calibration-text")
-    evals, eval_tokens = {}, {}
-    for src in evals_src:
-        evals[src.name], eval_tokens[src.name] = eval_windows(tokenizer, src, seq_len, data.eval_samples)
-    name = model_short_name(config.model.name_or_path)
-    config = replace(config, data=replace(data, seq_len=seq_len))
-    config = with_output_dir(config, name, calib_src.name)
-    protocol = protocol_record(config, name=name, model=model, source=source, context=(context, where),
-                               calibration_source=calib_src, calibration=calibration, stream=stream,
-                               eval_sources=evals_src, evals=evals, eval_tokens=eval_tokens, train=train)
-    return LlamaPrepared(config, model, tokenizer, name, calib_src.name, calibration, train, evals, protocol)
-
-
-def run_llama(config: LlamaRecipeConfig) -> dict[str, Any]:
-    """:func:`prepare_llama` then :func:`~dsf_lightning.recipes.llm_run.execute_llama`."""
-    return execute_llama(prepare_llama(config))
-
-
-def llama_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``recipes/llama.py``; returns the exit status (2 for bad input)."""
-    return recipe_main(llama_parser(), prepare_llama, execute_llama, argv)

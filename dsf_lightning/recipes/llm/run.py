@@ -1,9 +1,11 @@
-"""Running a prepared LLM recipe: start the ranks, evaluate, prune, fine-tune, export, record the protocol and results.
+"""The LLM recipe's run: check everything first, then start the ranks, evaluate, prune, fine-tune, export, record.
 
-The run is one SPMD program: with more than one device :func:`launch` starts the other ranks first
-(Lightning's own launcher, through Fabric: the script is started again for every other local rank, or
-``torchrun``/SLURM already started them) and joins the process group, and every rank then runs
-:func:`execute_llama`:
+:func:`prepare_llama` loads the model, resolves the sequence length, checks the prune against the model and
+cuts every token window (so a bad model id, a too long ``--seq-len``, too little text or an empty file stop
+the run before anything is computed). The run is one SPMD program: with more than one device :func:`launch`
+starts the other ranks first (Lightning's own launcher, through Fabric: the script is started again for
+every other local rank, or ``torchrun``/SLURM already started them) and joins the process group, and every
+rank then runs :func:`execute_llama`:
 
 1. dense perplexity on every evaluation text (each rank scores its share of the windows; sums
    all-reduced);
@@ -26,7 +28,8 @@ import os
 import platform
 import resource
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -38,8 +41,24 @@ from torch import Tensor, nn
 from dsf_lightning import __version__
 from dsf_lightning.callbacks import FiniteLossGuard, TrainingMemory
 from dsf_lightning.callbacks.memory import model_storage
-from dsf_lightning.data.text import TextDataModule, TextSource
-from dsf_lightning.models.causal_lm import PACKED_FILE, CausalLM, set_activation_checkpointing
+from dsf_lightning.data.text import (
+    TextDataModule,
+    TextSource,
+    calibration_source,
+    calibration_windows,
+    consecutive_windows,
+    eval_sources,
+    eval_windows,
+    model_context,
+    resolve_seq_len,
+)
+from dsf_lightning.models.causal_lm import (
+    PACKED_FILE,
+    CausalLM,
+    load_causal_lm,
+    model_short_name,
+    set_activation_checkpointing,
+)
 from dsf_lightning.perplexity import perplexity
 from dsf_lightning.persistence.export import save_packed
 from dsf_lightning.persistence.files import atomic_folder, write_json
@@ -47,21 +66,25 @@ from dsf_lightning.persistence.structure import nonzeros_outside_masks, to_dense
 from dsf_lightning.pipeline.blocks import decoder_blocks
 from dsf_lightning.pipeline.distributed import world
 from dsf_lightning.pipeline.entry import prune
+from dsf_lightning.pipeline.plan import plan_prune
 from dsf_lightning.pipeline.report import PruneReport
 from dsf_lightning.recipes.common import (
     finish_wandb,
     identity,
     make_wandb_logger,
     memory_figures,
+    recipe_main,
     wandb_summary,
+    with_output_dir,
     write_config,
 )
+from dsf_lightning.recipes.llm.config import STRATEGIES, LlamaRecipeConfig, llama_parser
+from dsf_lightning.recipes.sections import RunConfig
 from dsf_lightning.runs.records import run_name
 
-__all__ = ["STRATEGIES", "LlamaPrepared", "execute_llama", "export_pruned", "launch", "protocol_record", "versions"]
+__all__ = ["LlamaPrepared", "execute_llama", "export_pruned", "launch", "llama_main", "prepare_llama",
+           "protocol_record", "run_llama", "versions"]
 
-#: Lightning strategies the LLM recipe runs under (``None`` in the config: ``ddp`` on several devices).
-STRATEGIES: tuple[str, ...] = ("ddp", "auto")
 STAGES = ("dense", "pre_finetune", "post_finetune")
 
 
@@ -70,7 +93,7 @@ class LlamaPrepared:
     """A checked LLM run, ready to go: its config (``seq_len`` and output directory resolved), the model and
     tokenizer, names for W&B, the token windows and the protocol record."""
 
-    config: Any  # LlamaRecipeConfig
+    config: LlamaRecipeConfig
     model: nn.Module
     tokenizer: Any
     model_name: str
@@ -92,8 +115,9 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def protocol_record(config: Any, *, name: str, model: nn.Module, source: str, context: tuple[int | None, str],
-                    calibration_source: TextSource, calibration: Tensor, stream: Tensor,
+def protocol_record(config: LlamaRecipeConfig, *, name: str, model: nn.Module, source: str,
+                    context: tuple[int | None, str], calibration_source: TextSource, calibration: Tensor,
+                    stream: Tensor,
                     eval_sources: list[TextSource], evals: dict[str, Tensor], eval_tokens: dict[str, int],
                     train: Tensor | None) -> dict[str, Any]:
     """What every result was measured on: model, calibration text and tokens, sequence length, each
@@ -130,12 +154,12 @@ def peak_memory(device: torch.device) -> dict[str, int]:
     return out
 
 
-def _strategy(run: Any) -> str:
+def _strategy(run: RunConfig) -> str:
     multi = (isinstance(run.devices, int) and run.devices > 1) or run.num_nodes > 1
     return run.strategy or ("ddp" if multi else "auto")
 
 
-def _precision(run: Any) -> str:
+def _precision(run: RunConfig) -> str:
     if run.precision:
         return run.precision
     if torch.cuda.is_available() and run.accelerator in ("auto", "gpu", "cuda"):
@@ -143,7 +167,7 @@ def _precision(run: Any) -> str:
     return "32-true"
 
 
-def launch(run: Any) -> torch.device:
+def launch(run: RunConfig) -> torch.device:
     """Start the ranks of a multi-process run and join the process group (nothing for one process);
     returns this rank's device."""
     from lightning.fabric import Fabric
@@ -310,3 +334,63 @@ def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
     finally:
         finish_wandb(logger)
     return result
+
+
+def prepare_llama(config: LlamaRecipeConfig) -> LlamaPrepared:
+    """Every input check of an LLM run and its parts, before any work: the strategy, the text files, the
+    model (offline-aware), the sequence length, the prune against the model, every token window.
+
+    Raises:
+        ValueError: naming the flag and the value (a model that cannot be loaded, ``--seq-len`` beyond the
+            context, too few calibration tokens, an empty or missing text file, ...).
+    """
+    data, run, ft = config.data, config.run, config.finetune
+    if (run.strategy or "ddp") not in STRATEGIES:
+        raise ValueError(f"--strategy {run.strategy!r} is not supported by the LLM recipe; use one of {STRATEGIES}")
+    if run.fast_dev_run or run.limit_batches is not None:
+        raise ValueError("run.fast_dev_run and run.limit_batches are not used by the LLM recipe: quick runs use "
+                         "--finetune-steps, --calibration-samples, --eval-samples and --seq-len")
+    world = run.devices * run.num_nodes if isinstance(run.devices, int) else None
+    if world is not None and world > data.calibration_samples:
+        raise ValueError(f"--calibration-samples {data.calibration_samples} is fewer than the {world} processes: "
+                         f"every process calibrates on its share of the windows")
+    calib_src = calibration_source(data.calibration, data.calibration_text)
+    evals_src = eval_sources(data.eval, data.eval_text)
+    model, tokenizer, source = load_causal_lm(config.model.name_or_path, config.model.dtype)
+    context, where = model_context(model, tokenizer)
+    seq_len = resolve_seq_len(data.seq_len, context, where)
+    plan_prune(model, config.prune)
+    if config.prune.sequential:
+        decoder_blocks(model)
+    ft_windows = ft.steps * ft.batch_size * ft.accumulate_grad_batches * (world or 1)
+    cap = max(4 * data.calibration_samples, ft_windows) * seq_len if calib_src.shuffle else None
+    calibration, stream = calibration_windows(tokenizer, calib_src, seq_len, data.calibration_samples,
+                                              config.prune.seed, max_tokens=cap)
+    train = None
+    if ft.steps > 0:
+        train = consecutive_windows(stream, seq_len, what=f"fine-tuning text {calib_src.name!r}")
+        need = ft.batch_size * (world or 1)
+        if train.shape[0] < need:
+            raise ValueError(f"the fine-tuning text {calib_src.name!r} gives {train.shape[0]} windows of {seq_len} "
+                             f"tokens, fewer than one batch of --batch-size {ft.batch_size} on each of {world or 1} "
+                             f"process(es); lower --batch-size or --seq-len, or give more --calibration-text")
+    evals, eval_tokens = {}, {}
+    for src in evals_src:
+        evals[src.name], eval_tokens[src.name] = eval_windows(tokenizer, src, seq_len, data.eval_samples)
+    name = model_short_name(config.model.name_or_path)
+    config = replace(config, data=replace(data, seq_len=seq_len))
+    config = with_output_dir(config, name, calib_src.name)
+    protocol = protocol_record(config, name=name, model=model, source=source, context=(context, where),
+                               calibration_source=calib_src, calibration=calibration, stream=stream,
+                               eval_sources=evals_src, evals=evals, eval_tokens=eval_tokens, train=train)
+    return LlamaPrepared(config, model, tokenizer, name, calib_src.name, calibration, train, evals, protocol)
+
+
+def run_llama(config: LlamaRecipeConfig) -> dict[str, Any]:
+    """:func:`prepare_llama` then :func:`execute_llama`."""
+    return execute_llama(prepare_llama(config))
+
+
+def llama_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``recipes/llama.py``; returns the exit status (2 for bad input)."""
+    return recipe_main(llama_parser(), prepare_llama, execute_llama, argv)
