@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from numerics import assert_rel_close, rel_bound, relative_error  # tests/ is on sys.path
 from torch import nn
 
-from dsf_lightning.pipeline.calibration import GramAccumulator, InputGramRecorder, conv2d_patches
+from dsf_lightning.pipeline.calibration import GramAccumulator, InputGramRecorder, conv2d_patches, move_batch
 
 F32 = torch.float32
 
@@ -236,3 +236,15 @@ def test_diagonal_accumulator_is_the_grams_diagonal_and_sums_across_ranks():
     assert rebuilt.diagonal and torch.equal(rebuilt.gram, diag.gram)  # G n / n is exact in float64
     with pytest.raises(ValueError, match="diagonal"):
         full.merge_(diag)
+
+
+def test_move_batch_moves_every_tensor_and_keeps_the_containers():
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "x y")
+    t = torch.ones(2, dtype=torch.float64)
+    batch = {"a": [t, (t, "label")], "b": Pair(t, 3)}
+    moved = move_batch(batch, torch.device("meta"))
+    assert moved["a"][0].device.type == "meta" and moved["a"][1][0].device.type == "meta"
+    assert isinstance(moved["a"], list) and isinstance(moved["a"][1], tuple) and moved["a"][1][1] == "label"
+    assert isinstance(moved["b"], Pair) and moved["b"].x.device.type == "meta" and moved["b"].y == 3

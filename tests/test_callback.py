@@ -358,12 +358,3 @@ def test_unsupported_target_is_skipped_with_warning(tmp_path):
         trainer(tmp_path, [cb], limit_train_batches=1).fit(module, images(8), images(8))
     assert any("unsupported" in str(x.message) and "model.layer1.0.bn1" in str(x.message) for x in w)
     assert [r.name for r in cb.report.layers] == ["model.layer1.0.conv1"]
-
-
-def test_balance_layers_is_cost_balanced():
-    from dsf_lightning.pipeline.distributed import balance_layers
-
-    owners = balance_layers([100, 1, 60, 50, 10], 2)
-    loads = [sum(c for c, o in zip([100, 1, 60, 50, 10], owners) if o == r) for r in range(2)]
-    assert owners[0] != owners[2] and abs(loads[0] - loads[1]) <= 100
-    assert balance_layers([5, 5, 5], 1) == [0, 0, 0]

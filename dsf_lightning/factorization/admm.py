@@ -92,7 +92,7 @@ def topk_mask(scores: Tensor, k: int, per_column: bool = False) -> Tensor:
         if mask is not None:
             return mask.view_as(scores)
     mask = torch.zeros(numel, dtype=torch.bool, device=scores.device)
-    if k > 0:  # index_fill_: about 2x faster than an indexed assignment on the CPU
+    if k > 0:  # index_fill_, not an indexed assignment: faster on the CPU (RESULTS.md, "Factorization speed")
         mask.index_fill_(0, scores.flatten().topk(k, sorted=False).indices, True)
     return mask.view_as(scores)
 
@@ -119,8 +119,9 @@ def _band_topk_mask(flat: Tensor, k: int, sample: int = 16384) -> Tensor | None:
     """The ``k`` largest of ``flat`` (1-D): entries above a high threshold are in, a ``topk`` over the
     band between a low and the high threshold picks the rest. Both thresholds are quantiles of a
     deterministic spread sample, ``4`` standard errors either side of the target one; ``None`` (the caller runs a
-    plain ``topk``) when the band misses the ``k``-th value. The result is exact either way; on the
-    CPU it is 2-3x faster than ``topk`` over the whole matrix (two compares and a short ``topk``)."""
+    plain ``topk``) when the band misses the ``k``-th value. The result is exact either way; two compares and a
+    short ``topk`` beat a ``topk`` over the whole matrix on the CPU (benchmarks/RESULTS.md, "Factorization
+    speed")."""
     n = flat.numel()
     # A golden-ratio stride coprime with n: a plain stride can align with the matrix's columns (a
     # 3x3 conv's fan-in is a multiple of 9) and sample one kernel position only.

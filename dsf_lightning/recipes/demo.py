@@ -18,14 +18,7 @@ from it (:func:`~dsf_lightning.runs.compare.verdict`: where DSF leads, ties or t
 fine-tuning) and the plot (``<output dir>/resnet20-32-val_acc.png``). Deterministic for given seeds on
 CPU; nothing is downloaded.
 
-Why the dense defaults differ from the paper's CIFAR-10 recipe (160 epochs, weight decay 1e-4 or
-5e-4, ~62k SGD steps): the demo has 15 minutes on 2 CPU cores, i.e. ~1,350 steps. After 10 epochs
-at weight decay 1e-4 the conv weights are still essentially their random init (magnitude pruning to
-10% loses 56% of each layer's energy, exactly the Gaussian figure), and no projection method can
-beat magnitude pruning on a random matrix. A stronger weight decay moves the weights of a
-BatchNorm network away from their init in few steps (it raises the effective learning rate), giving
-layers that prune like trained ones (magnitude loses ~37-39% at 10%, in the range of torchvision's
-ResNet-50). 16x16 inputs keep the 8x8 digits' information and make 30 epochs fit.
+Why its dense defaults differ from the paper's CIFAR-10 recipe: benchmarks/RESULTS.md, "Vision demo".
 
 The LLM run on SmolLM2-135M is ``make demo-llm`` (``recipes/llama.py``); the one-block layer-wise
 comparison of every method is ``python benchmarks/llm_block.py``.

@@ -1,5 +1,5 @@
-"""Sequential (block-by-block) pruning: same factors as pruning a block alone on the same inputs, shared
-Grams for shared inputs, a working set that does not grow with depth, clear errors."""
+"""The block-by-block runner (pipeline/blocks.py): the same factors as pruning a block alone on the same inputs,
+shared Grams for shared inputs, a working set that does not grow with depth, clear errors."""
 
 from __future__ import annotations
 
