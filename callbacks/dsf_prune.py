@@ -32,6 +32,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
@@ -226,9 +227,22 @@ class DSFPruneCallback(Callback):
         return lambda module, batch: self.calibration_forward(module, trainer.strategy.batch_to_device(batch))
 
     def _train_loader(self, trainer: pl.Trainer) -> Iterable:
-        """The trainer's train dataloader, prepared as Lightning prepares it (DDP sampler included)."""
-        trainer.fit_loop.setup_data()
+        """The trainer's train dataloader, prepared as Lightning prepares it (DDP sampler included).
+
+        Loaded through public Trainer API: ``estimated_stepping_batches`` loads the train dataloader to count
+        the steps (as ``configure_optimizers`` schedules do), then ``train_dataloader`` returns it. With
+        ``max_epochs=-1`` it loads nothing; then the datamodule's or the module's ``train_dataloader`` hook
+        (a rank takes every W-th batch under DDP)."""
+        if trainer.train_dataloader is None:
+            _ = trainer.estimated_stepping_batches
         loader = trainer.train_dataloader
+        if loader is None:
+            source = trainer.datamodule if trainer.datamodule is not None else trainer.lightning_module
+            if is_overridden("train_dataloader", source):
+                loader = source.train_dataloader()
+                rank, world_size = world()
+                if world_size > 1 and not is_sharded(loader):
+                    loader = islice(loader, rank, None, world_size)
         if loader is None:
             raise ValueError("DSFPruneCallback needs training data here (calibration_batches > 0 or "
                              "bn_recalibration_batches > 0) but the trainer has no train dataloader: pass "

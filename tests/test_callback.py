@@ -223,6 +223,19 @@ def test_llama_layerwise_calibration_csv(tmp_path):
     assert "dense/val_loss" not in got  # log_dense=False
 
 
+def test_calibration_from_the_train_dataloader_hook_when_max_epochs_is_minus_one(tmp_path):
+    """max_epochs=-1 (train until max_steps): Lightning loads no train dataloader to count steps, so the callback
+    takes the module's own train_dataloader hook (public API either way)."""
+    class HookModule(LlamaModule):
+        def train_dataloader(self):
+            return tokens()
+
+    cb = DSFPruneCallback(0.4, method="wanda", calibration_batches=2, progress=False, evaluate=False)
+    trainer(tmp_path, [cb], max_epochs=-1, max_steps=1, limit_val_batches=0).fit(HookModule())
+    assert len(cb.report.layers) == 14
+    assert all(c == 2 * 4 * 16 for c in cb.report.calibration_tokens.values())
+
+
 def test_llama_sequential_calibration(tmp_path):
     cb = DSFPruneCallback(0.4, calibration_batches=2, sequential=True, factorization_options=FAST, progress=False)
     module = LlamaModule()

@@ -18,9 +18,9 @@ MAX_LINES, MAX_CALLBACK_LINES = 450, 350
 #: Most modules at the package root: everything else lives in a sub-package named for its layer.
 MAX_ROOT_MODULES = 8
 #: Lightning's loops are private classes (``_FitLoop``, ``_EvaluationLoop``); reaching into them is banned. These
-#: are the uses left, each a data set-up that no public Lightning API offers before the loops run (issue 22's
+#: is the use left: the validation data set-up, which no public Lightning API offers before the loop runs (issue 22's
 #: closing note); the count may only go down.
-LOOP_USES_LEFT = {"callbacks/dsf_prune.py": 1, "callbacks/evaluation.py": 1}
+LOOP_USES_LEFT = {"callbacks/evaluation.py": 1}
 #: Objects of Lightning whose private attributes would tie us to one Lightning version.
 LIGHTNING_OBJECTS = {"trainer", "strategy", "fit_loop", "epoch_loop", "val_loop", "checkpoint_connector"}
 
