@@ -40,6 +40,7 @@ from typing_extensions import override
 
 from dsf_lightning.callbacks.batchnorm import recalibrate_batchnorm
 from dsf_lightning.callbacks.evaluation import evaluate_module
+from dsf_lightning.callbacks.prune_logging import log_report, report_totals
 from dsf_lightning.callbacks.strategies import check_resizable, rewrap_ddp
 from dsf_lightning.config import PruneConfig, check_count
 from dsf_lightning.persistence.structure import CHECKPOINT_KEY, nonzeros_outside_masks, structure_spec, to_dense
@@ -294,26 +295,15 @@ class DSFPruneCallback(Callback):
                 rank_zero_debug("DSFPruneCallback: no BatchNorm; nothing to recalibrate")
 
     def _log_report(self, trainer: pl.Trainer, report: PruneReport, model: str) -> None:
-        # "layers"/"skipped" are counts; renamed so they do not collide with the "dsf/layers" table
-        renamed = {"layers": "layers_pruned", "skipped": "layers_skipped"}
-        totals = self._log(trainer, {f"dsf/{renamed.get(k, k)}": float(v) for k, v in report.totals().items()})
+        totals = report_totals(report)
+        self.metrics.update(totals)
         rank_zero_info(f"DSFPruneCallback: pruned {len(report.layers)} layers with {self.config.method!r} at density "
                        f"{self.config.density} in {report.seconds:.1f}s; mean error vs magnitude "
                        f"{totals['dsf/mean_error_vs_magnitude']:.3f}")
-        rows = report.to_rows()
-        if not trainer.is_global_zero or not rows:
-            return
-        for lg in trainer.loggers:  # the prune's config as hyperparameters: filters on W&B, dsf-compare's key
-            lg.log_hyperparams({"dsf": {**self.config.to_dict(), "model": model}})
-        columns = list(rows[0])
-        for lg in trainer.loggers:
-            if type(lg).__name__ == "WandbLogger":
-                lg.log_table(key="dsf/layers", columns=columns, data=[[row.get(c) for c in columns] for row in rows])
-            elif self.log_layer_scalars:
-                lg.log_metrics({f"dsf/layers/{row['name']}/{k}": float(row[k]) for row in rows
-                                for k in ("achieved_density", "first_density", "second_density", "relative_error",
-                                          "error_vs_magnitude", "seconds") if row.get(k) is not None},
-                               step=trainer.global_step)
+        log_report(trainer.loggers, report, trainer.global_step, self.log_layer_scalars)
+        if trainer.is_global_zero and report.layers:
+            for lg in trainer.loggers:  # the prune's config as hyperparameters: filters on W&B, dsf-compare's key
+                lg.log_hyperparams({"dsf": {**self.config.to_dict(), "model": model}})
 
 
 @rank_zero_only

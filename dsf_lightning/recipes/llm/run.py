@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from dsf_lightning import __version__
 from dsf_lightning.callbacks import FiniteLossGuard, TrainingMemory
 from dsf_lightning.callbacks.memory import model_storage
+from dsf_lightning.callbacks.prune_logging import log_report
 from dsf_lightning.data.text import (
     TextDataModule,
     TextSource,
@@ -191,14 +192,7 @@ def _log(logger: Any, metrics: dict[str, float], step: int) -> None:
 
 
 def _log_report(logger: Any, report: PruneReport) -> None:
-    if logger is None:
-        return
-    renamed = {"layers": "layers_pruned", "skipped": "layers_skipped"}
-    _log(logger, {f"dsf/{renamed.get(k, k)}": float(v) for k, v in report.totals().items()}, 0)
-    rows = report.to_rows()
-    if rows and rank_zero_only.rank == 0 and hasattr(logger, "log_table"):
-        columns = list(rows[0])
-        logger.log_table(key="dsf/layers", columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+    log_report([logger] if logger is not None else [], report, step=0)
 
 
 def _prune(prepared: LlamaPrepared, model: nn.Module, device: torch.device, progress: bool) -> PruneReport:
