@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from dsf_lightning.persistence.structure import pruned_modules
@@ -29,7 +30,9 @@ __all__ = ["RSSPeak", "TrainingMemory", "model_storage", "training_state_bytes"]
 
 
 def _nbytes(tensors: Iterable[Any]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+    """Bytes this process holds: a sharded tensor (DTensor, FSDP2) counts its local shard."""
+    local = (t.to_local() if isinstance(t, DTensor) else t for t in tensors)
+    return sum(t.numel() * t.element_size() for t in local if isinstance(t, Tensor))
 
 
 def training_state_bytes(module: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()) -> dict[str, int]:
