@@ -13,10 +13,15 @@ Two parts, each a table of the rows dense, single mask, DSF masked and DSF compr
   the peak memory of the fine-tune steps (RSS sampled every 2 ms on a CPU, ``torch.cuda.max_memory_allocated``
   on a GPU); and the median step time after the first step. Patterns: :func:`magnitude_pattern_` at each
   layer's budget (memory and time depend on the counts, not on which entries are kept).
+* ``sharded``: LLaMA-2-7B and LLaMA-2-70B shapes, training state per rank under FSDP2 on ``--ranks`` ranks
+  (``CausalLM`` under ``ModelParallelStrategy``): every parameter with its gradient and AdamW moments is split
+  over the ranks, the buffers (masks, bit patterns) are whole on every rank. Counted from the shapes and the
+  budget rule; the count is checked against the modules' own tensors (``meta``'s count) for the 7B shapes.
 * ``--longest-seq``, on a GPU only: per row, the longest sequence at batch 16 whose fine-tune step fits under
   ``--cap-gib`` (``torch.cuda.set_per_process_memory_fraction``), as Table 6 does.
 
     python benchmarks/finetune_memory.py meta [--density 0.5]
+    python benchmarks/finetune_memory.py sharded --ranks 8 [--density 0.5]
     OMP_NUM_THREADS=1 python benchmarks/finetune_memory.py smollm2 --threads 1 --batch 2 --seq-len 512
     python benchmarks/finetune_memory.py smollm2 --device cuda --longest-seq --batch 16 --cap-gib 40  # a GPU
 """
@@ -102,6 +107,53 @@ def meta(args: argparse.Namespace) -> None:
     print("| model | training state | vs dense |\n|---|---:|---:|")
     for row, b in rows:
         print(f"| {row} | {b / GIB:.1f} GiB | {b / dense:.2f}x |")
+
+
+#: Decoder shapes: hidden, intermediate, blocks, vocabulary, key/value width (grouped-query attention in 70B)
+MODELS = {"LLaMA-2-7B": (4096, 11008, 32, 32000, 4096), "LLaMA-2-70B": (8192, 28672, 80, 32000, 1024)}
+
+
+def model_shapes(hidden: int, inter: int, blocks: int, vocab: int, kv: int) -> tuple[dict, int]:
+    """``{(out, in): count}`` of the pruned projections and the trained dense elements (embeddings, head, norms)."""
+    shapes: dict[tuple[int, int], int] = {}
+    for shape, n in (((hidden, hidden), 2), ((kv, hidden), 2), ((inter, hidden), 2), ((hidden, inter), 1)):
+        shapes[shape] = shapes.get(shape, 0) + n * blocks
+    return shapes, 2 * vocab * hidden + (2 * blocks + 1) * hidden
+
+
+def layer_split(row: str, out: int, in_: int, density: float) -> tuple[int, int]:
+    """``(parameter state, buffers)`` bytes of one layer: what FSDP2 shards, what every rank holds whole."""
+    r = min(out, in_)
+    if row == "dense":
+        return out * in_ * ADAMW_BYTES, 0
+    if row == "single mask":
+        return out * in_ * ADAMW_BYTES, out * in_  # bool mask
+    if row == "DSF masked":
+        return (r * in_ + out * r) * ADAMW_BYTES, r * in_ + out * r
+    return nnz_budget(density, out * in_) * ADAMW_BYTES, -(-r * in_ // 8) + -(-out * r // 8)  # values; packed bits
+
+
+def sharded(args: argparse.Namespace) -> None:
+    h, i, b, v, kv = MODELS["LLaMA-2-7B"]
+    shapes, rest = model_shapes(h, i, b, v, kv)
+    assert shapes == SHAPES and rest == DENSE_REST
+    for row in ROWS:  # the count from the shapes is the modules' own count (meta)
+        split = sum(n * sum(layer_split(row, o, i_, args.density)) for (o, i_), n in shapes.items())
+        assert split == sum(n * layer_state(row, o, i_, args.density) for (o, i_), n in shapes.items()), row
+    print(f"training state per rank, AdamW fp32, density {args.density} (pruned layers), FSDP2 on {args.ranks} ranks "
+          f"(parameters, gradients and moments split; buffers whole)")
+    print("| model | row | unsharded | per rank | per rank vs dense unsharded |\n|---|---|---:|---:|---:|")
+    for name, dims in MODELS.items():
+        shapes, rest = model_shapes(*dims)
+        dense = (sum(n * o * i_ for (o, i_), n in shapes.items()) + rest) * ADAMW_BYTES
+        for row in ROWS:
+            splits = {shape: layer_split(row, *shape, args.density) for shape in shapes}
+            parts = [(n * splits[shape][0], n * splits[shape][1]) for shape, n in shapes.items()]
+            params = rest * ADAMW_BYTES + sum(p for p, _ in parts)
+            buffers = sum(b for _, b in parts)
+            per_rank = params / args.ranks + buffers
+            print(f"| {name} | {row} | {(params + buffers) / GIB:.1f} GiB | {per_rank / GIB:.2f} GiB | "
+                  f"{per_rank / dense:.3f}x |")
 
 
 # --------------------------------------------------------------------------------------- smollm2
@@ -251,7 +303,8 @@ def smollm2(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("part", choices=["meta", "smollm2", "row"], help="row: one SmolLM2 row (used by smollm2)")
+    p.add_argument("part", choices=["meta", "sharded", "smollm2", "row"],
+                   help="row: one SmolLM2 row (used by smollm2)")
     p.add_argument("--density", type=float, default=0.5)
     p.add_argument("--row", choices=list(ROWS), help=argparse.SUPPRESS)
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW",
@@ -263,9 +316,12 @@ def main() -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--longest-seq", action="store_true", help="GPU: longest sequence at --batch under --cap-gib")
     p.add_argument("--cap-gib", type=float, default=40.0)
+    p.add_argument("--ranks", type=int, default=8, help="sharded: the number of FSDP2 ranks")
     args = p.parse_args()
     if args.part == "meta":
         meta(args)
+    elif args.part == "sharded":
+        sharded(args)
     elif args.part == "smollm2":
         smollm2(args)
     else:
