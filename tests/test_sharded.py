@@ -3,7 +3,8 @@
 Lightning relaunches ``sys.argv`` for the other rank, which inside pytest would rerun pytest; so the test runs
 this file as a script (``python tests/test_sharded.py OUT MODE``) under a hard timeout, and every rank writes
 ``OUT/rank<r>.pt``: its per-step training loss and its training state (bytes it holds, local shards only).
-``MODE`` is ``fsdp`` (2 processes, each on half of every batch) or ``single`` (1 process, whole batches).
+``MODE`` is ``fsdp`` (2 processes, each on half of every batch) or ``single`` (1 process, whole batches); each
+run ends with ``trainer.save_checkpoint`` (sharded: a folder with a shard per rank and the structure spec).
 """
 
 from __future__ import annotations
@@ -64,7 +65,11 @@ def _run_script(out: str, mode: str) -> None:
                          enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Record()],
                          use_distributed_sampler=False)
     trainer.fit(CausalLM(model, lr=1e-3, lr_schedule="constant"), loader)
+    ckpt = os.path.join(out, "last.ckpt")
+    trainer.save_checkpoint(ckpt)  # sharded: a folder, one shard file per rank + meta.pt on rank 0
+    saved = sorted(os.listdir(ckpt)) if os.path.isdir(ckpt) else [os.path.basename(ckpt)]
     torch.save({"rank": trainer.global_rank, "world": trainer.world_size, "losses": losses, "state": state,
+                "saved": saved, "ckpt": ckpt,
                 "sharded": type(next(trainer.lightning_module.parameters())).__name__},
                os.path.join(out, f"rank{trainer.global_rank}.pt"))
 
@@ -103,6 +108,14 @@ def test_the_sharded_loss_curve_is_the_single_process_one(runs):
     for step, (a, b, want) in enumerate(zip(r0["losses"], r1["losses"], single["losses"], strict=True)):
         got = (a + b) / 2  # equal token counts per rank: the mean of the halves is the whole batch's loss
         assert abs(got - want) <= bound * abs(want), (step, got, want, bound)
+
+
+def test_a_sharded_checkpoint_holds_a_shard_per_rank_and_the_structure_spec(runs):
+    (r0, _), _ = runs
+    assert {"__0_0.distcp", "__1_0.distcp", "meta.pt", ".metadata"} <= set(r0["saved"])
+    meta = torch.load(r0["ckpt"] + "/meta.pt", weights_only=False)
+    spec = meta["dsf_structure"]["modules"]
+    assert len(spec) == 14 and {e["kwargs"]["storage"] for e in spec} == {"compressed"}
 
 
 if __name__ == "__main__":
