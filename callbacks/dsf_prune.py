@@ -217,11 +217,9 @@ class DSFPruneCallback(Callback):
     def _batches(self, trainer: pl.Trainer) -> Iterable:
         """This rank's calibration batches (a loader without a ``DistributedSampler`` is sharded: rank r takes
         batches r, r + W, ...); the entry point takes the first ``calibration_batches``."""
-        loader = self.calibration_loader if self.calibration_loader is not None else self._train_loader(trainer)
-        rank, world_size = world()
-        if self.calibration_loader is not None and world_size > 1 and not is_sharded(loader):
-            loader = islice(loader, rank, None, world_size)
-        return loader
+        if self.calibration_loader is not None:
+            return _this_ranks_share(self.calibration_loader)
+        return self._train_loader(trainer)
 
     def _forward(self, trainer: pl.Trainer) -> Callable[[nn.Module, Any], Any]:
         """``calibration_forward`` on batches moved by the strategy (the module's transfer hooks included)."""
@@ -240,10 +238,7 @@ class DSFPruneCallback(Callback):
         if loader is None:
             source = trainer.datamodule if trainer.datamodule is not None else trainer.lightning_module
             if is_overridden("train_dataloader", source):
-                loader = source.train_dataloader()
-                rank, world_size = world()
-                if world_size > 1 and not is_sharded(loader):
-                    loader = islice(loader, rank, None, world_size)
+                loader = _this_ranks_share(source.train_dataloader())
         if loader is None:
             raise ValueError("DSFPruneCallback needs training data here (calibration_batches > 0 or "
                              "bn_recalibration_batches > 0) but the trainer has no train dataloader: pass "
@@ -304,6 +299,13 @@ class DSFPruneCallback(Callback):
         if trainer.is_global_zero and report.layers:
             for lg in trainer.loggers:  # the prune's config as hyperparameters: filters on W&B, dsf-compare's key
                 lg.log_hyperparams({"dsf": {**self.config.to_dict(), "model": model}})
+
+
+def _this_ranks_share(loader: Iterable) -> Iterable:
+    """``loader`` as is when it has a ``DistributedSampler`` or there is one process; else rank r's batches
+    r, r + W, ... of the W processes."""
+    rank, world_size = world()
+    return islice(loader, rank, None, world_size) if world_size > 1 and not is_sharded(loader) else loader
 
 
 @rank_zero_only
