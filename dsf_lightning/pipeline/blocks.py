@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dsf_lightning.pipeline.calibration import InputGramRecorder, Reduce, move_batch, record_grams
+from dsf_lightning.pipeline.calibration import InputGramRecorder, Reduce, move_batch, no_reduce, record_grams
 from dsf_lightning.pipeline.install import Undo, install
 from dsf_lightning.pipeline.jobs import Executor
 from dsf_lightning.pipeline.plan import PrunePlan, allocate_densities, layer_jobs
@@ -145,17 +145,17 @@ def _shared_inputs(block: nn.Module, run: BlockRun, targets: Mapping[str, nn.Mod
 
 
 def allocate_before_blocks(model: nn.Module, plan: PrunePlan, batches: list, forward: Callable[[nn.Module, Any], Any],
-                           reduce: Reduce | None = None) -> PrunePlan:
+                           reduce: Reduce = no_reduce) -> PrunePlan:
     """``plan`` with its densities spread by ``config.allocation`` before block 0 is touched: the scores take the
     dense model's input norms (one forward over ``batches`` recording only the Grams' diagonals, merged over
     processes by ``reduce``), as OWL computes its outlier ratios on the dense model."""
     rec = record_grams(model, plan.targets, batches, forward, diagonal=True)
-    accs = rec.accumulators if reduce is None else reduce(rec.accumulators, next(model.parameters()).device)
+    accs = reduce(rec.accumulators, next(model.parameters()).device)
     return allocate_densities(plan, {n: a.gram for n, a in accs.items()})
 
 
 def run_blocks(model: nn.Module, plan: PrunePlan, batches: Iterable, *, forward: Callable[[nn.Module, Any], Any],
-               executor: Executor, reduce: Reduce | None = None, undo: Undo | None = None, progress: bool = True,
+               executor: Executor, reduce: Reduce = no_reduce, undo: Undo | None = None, progress: bool = True,
                store: torch.device | str | None = "cpu", device: torch.device | str | None = None) -> PruneReport:
     """Prune ``plan``'s targets block by block (module docstring), in place; the report's
     ``working_set_bytes`` is the peak of the pipeline's working set (activations, one block's Grams, its jobs).
@@ -190,7 +190,7 @@ def run_blocks(model: nn.Module, plan: PrunePlan, batches: Iterable, *, forward:
             reps = {t: m for t, m in targets.items() if shared[t] == t}
             with InputGramRecorder(model, reps) as rec:
                 run.run(block, keep_outputs=False)
-            accs = rec.accumulators if reduce is None else reduce(rec.accumulators, next(block.parameters()).device)
+            accs = reduce(rec.accumulators, next(block.parameters()).device)
             grams = {t: accs[shared[t]].gram for t in targets}
             report.calibration_tokens.update({t: accs[shared[t]].count for t in targets})
             sub = dataclasses.replace(plan, targets=targets)

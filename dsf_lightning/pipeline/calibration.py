@@ -30,11 +30,17 @@ from dsf_lightning.layers import PAD_MODES, explicit_padding, fan_in, grouped, p
 from dsf_lightning.modules import ConvGeometry, MaskedLayer
 
 __all__ = ["GramAccumulator", "InputGramRecorder", "Reduce", "conv2d_patches", "default_forward", "is_conv",
-           "move_batch", "record_grams"]
+           "move_batch", "no_reduce", "record_grams"]
 
 ConvLike = nn.Conv2d | ConvGeometry
-#: ``reduce(accumulators, device)``: the Grams of every process merged (``distributed.all_reduce_grams``)
+#: ``reduce(accumulators, device)``: the Grams of every process merged (``distributed.all_reduce_grams``), or
+#: this process's own (:func:`no_reduce`)
 Reduce = Callable[[Mapping[str, "GramAccumulator"], torch.device], dict[str, "GramAccumulator"]]
+
+
+def no_reduce(accumulators: Mapping[str, GramAccumulator], device: torch.device) -> dict[str, GramAccumulator]:
+    """The :data:`Reduce` of one process: its own accumulators."""
+    return dict(accumulators)
 
 
 def is_conv(module: nn.Module) -> bool:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from dsf_lightning.config import PruneConfig
 from dsf_lightning.pipeline.blocks import run_blocks
-from dsf_lightning.pipeline.calibration import default_forward
+from dsf_lightning.pipeline.calibration import default_forward, no_reduce
 from dsf_lightning.pipeline.distributed import all_reduce_grams, distributed_executor, world
 from dsf_lightning.pipeline.install import all_or_nothing
 from dsf_lightning.pipeline.jobs import Executor, solve_serially
@@ -134,7 +134,7 @@ def run_prune(model: nn.Module, plan: PrunePlan, *, calibration: Iterable | None
     if executor is None:  # by block, the bar is over blocks
         executor = distributed_executor(progress) if size > 1 else \
             functools.partial(solve_serially, progress=progress and not cfg.sequential)
-    reduce = all_reduce_grams if size > 1 else None
+    reduce = all_reduce_grams if size > 1 else no_reduce
     forward = forward or default_forward
     batches = None if calibration is None else islice(calibration, cfg.calibration_batches)
     device = next(model.parameters()).device

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from dsf_lightning.pipeline.calibration import Reduce, record_grams
+from dsf_lightning.pipeline.calibration import Reduce, no_reduce, record_grams
 from dsf_lightning.pipeline.install import Undo, install
 from dsf_lightning.pipeline.jobs import Executor
 from dsf_lightning.pipeline.plan import PrunePlan, allocate_densities, layer_jobs
@@ -21,7 +21,7 @@ __all__ = ["run_one_pass"]
 
 
 def run_one_pass(model: nn.Module, plan: PrunePlan, batches: Iterable | None, *,
-                 forward: Callable[[nn.Module, Any], Any], executor: Executor, reduce: Reduce | None = None,
+                 forward: Callable[[nn.Module, Any], Any], executor: Executor, reduce: Reduce = no_reduce,
                  grams: Mapping[str, Tensor] | None = None, undo: Undo | None = None) -> PruneReport:
     """Prune ``plan``'s targets in place: Grams over ``batches`` (merged over processes by ``reduce``), or the
     given ``grams``, or none (data-free); the allocation; every layer solved by ``executor``; installed."""
@@ -29,7 +29,7 @@ def run_one_pass(model: nn.Module, plan: PrunePlan, batches: Iterable | None, *,
                          skipped=plan.skipped)
     if batches is not None:
         rec = record_grams(model, plan.targets, batches, forward)
-        accs = rec.accumulators if reduce is None else reduce(rec.accumulators, next(model.parameters()).device)
+        accs = reduce(rec.accumulators, next(model.parameters()).device)
         grams = {n: a.gram for n, a in accs.items()}
         report.calibration_tokens = {n: a.count for n, a in accs.items()}
     plan = allocate_densities(plan, grams)
