@@ -31,12 +31,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
 from torchmetrics.aggregation import MeanMetric
 
+from dsf_lightning.models.sharding import is_sharded, shard_by_block
 from dsf_lightning.modules import Storage, check_storage, set_storage
 from dsf_lightning.persistence.structure import CHECKPOINT_KEY, PrunedCheckpointMixin, pruned_modules, structure_spec
-from dsf_lightning.pipeline.blocks import decoder_blocks
 
 __all__ = ["PACKED_FILE", "CausalLM", "TokenPerplexity", "load_causal_lm", "load_packed_causal_lm", "lr_factor",
            "model_short_name", "set_activation_checkpointing"]
@@ -130,21 +129,18 @@ class CausalLM(PrunedCheckpointMixin, pl.LightningModule):
             set_activation_checkpointing(model, True)
 
     def configure_model(self) -> None:
-        """Under Lightning's ``ModelParallelStrategy``: FSDP2 ``fully_shard`` on every decoder block (the
-        model's ``_no_split_modules``; :func:`~dsf_lightning.pipeline.blocks.decoder_blocks`), then on the
-        whole model, over the data-parallel mesh. Compressed factors shard their 1-D values; the uint8 bit
-        patterns are buffers, which FSDP2 leaves whole on every rank (each rank built them in the same prune).
-        Any other strategy, or no Trainer (``load_from_checkpoint``): nothing to do."""
+        """Under Lightning's ``ModelParallelStrategy``: FSDP2 ``fully_shard`` by decoder block over the
+        data-parallel mesh (:func:`~dsf_lightning.models.sharding.shard_by_block`: the values are sharded, the
+        bit patterns replicated). A sharded checkpoint loads into the model once it is sharded, so to resume
+        one in a dense model, rebuild its structure first
+        (:func:`~dsf_lightning.persistence.structure.rebuild_sharded_structure`). Any other strategy, or no
+        Trainer (``load_from_checkpoint``): nothing to do."""
         try:
             strategy = self.trainer.strategy
         except RuntimeError:  # no Trainer: load_from_checkpoint builds the module alone
             return
-        if not isinstance(strategy, ModelParallelStrategy) or isinstance(self.model, FSDPModule):
-            return
-        mesh = self.device_mesh["data_parallel"]
-        for _, block in decoder_blocks(self.model):
-            fully_shard(block, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
+        if isinstance(strategy, ModelParallelStrategy) and not is_sharded(self.model):
+            shard_by_block(self.model, self.device_mesh["data_parallel"])
 
     def on_fit_start(self) -> None:
         """The wrapped model in train mode: transformers loads models in eval mode and Lightning keeps modes."""

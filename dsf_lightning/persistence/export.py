@@ -55,7 +55,13 @@ from torch import Tensor, nn
 from dsf_lightning.modules import DSFLinear, SparseLinear
 from dsf_lightning.modules.storage import factor_keys, pack_bits, scatter_values, unpack_bits
 from dsf_lightning.persistence.files import atomic_path
-from dsf_lightning.persistence.structure import pruned_modules, replace_module, structure_applied, structure_spec
+from dsf_lightning.persistence.structure import (
+    module_prefix,
+    pruned_modules,
+    replace_module,
+    structure_applied,
+    structure_spec,
+)
 
 __all__ = [
     "CSRDSFLinear",
@@ -80,10 +86,6 @@ _UNVERIFIED_VERSIONS = ("2",)  # written before the digest: loaded without it
 
 # ------------------------------------------------------------------------------------ model helpers
 
-def _prefix(name: str) -> str:
-    return f"{name}." if name else ""
-
-
 # ------------------------------------------------------------------------------------------- merge
 
 @torch.no_grad()
@@ -100,14 +102,14 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     state = model.state_dict()
     pruned = dict(pruned_modules(model))
     for name, m in pruned.items():
-        p = _prefix(name)
+        p = module_prefix(name)
         for k in list(m.state_dict().keys()):
             state.pop(p + k, None)
     out: dict[str, Tensor] = {}
     for k, v in state.items():
         out[k] = v.detach()
     for name, m in pruned.items():
-        p = _prefix(name)
+        p = module_prefix(name)
         out[p + "weight"] = m.merged_weight().detach().clone()
         if m.bias is not None:
             out[p + "bias"] = m.bias.detach().clone()
@@ -135,7 +137,7 @@ def pack_model(model: nn.Module, dtype: torch.dtype | None = torch.float16
     state = model.state_dict()
     tensors: dict[str, Tensor] = {}
     for name, m in pruned_modules(model):
-        p = _prefix(name)
+        p = module_prefix(name)
         for pname in m.factor_names:
             mask = m.factor_mask(pname)
             tensors[f"{p}{pname}.values"] = cast(m.factor(pname).detach()[mask]).cpu().contiguous()
@@ -228,7 +230,7 @@ def load_packed(model: nn.Module, path: str | Path) -> nn.Module:
         expected = set(model.state_dict())
         for e in spec["modules"]:
             name = e["name"]
-            m, p = model.get_submodule(name), _prefix(name)
+            m, p = model.get_submodule(name), module_prefix(name)
             for pname in m.factor_names:
                 bits, values = tensors.pop(f"{p}{pname}.mask", None), tensors.pop(f"{p}{pname}.values", None)
                 if bits is None or values is None:

@@ -33,15 +33,18 @@ __all__ = [
     "CHECKPOINT_KEY",
     "PRUNE_INFO_ATTR",
     "PrunedCheckpointMixin",
+    "SHARDED_CHECKPOINT_META",
     "apply_structure_spec",
     "check_state_dict",
     "load_pruned",
     "merge",
+    "module_prefix",
     "to_dense",
     "nonzeros_outside_masks",
     "pruned_modules",
     "replace_module",
     "save_pruned",
+    "rebuild_sharded_structure",
     "structure_applied",
     "structure_spec",
 ]
@@ -80,6 +83,11 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
         raise ValueError(f"no module named {name!r} in {type(model).__name__}") from e
     model.set_submodule(name, new)
     return old
+
+
+def module_prefix(name: str) -> str:
+    """The state-dict key prefix of the submodule ``name`` (``""`` for the model itself)."""
+    return f"{name}." if name else ""
 
 
 def _jsonable(v: Any) -> Any:
@@ -270,6 +278,45 @@ def to_dense(model: nn.Module, layer_types: Mapping[str, str] | None = None) -> 
 
 #: the name this function had before (kept for callers of 0.1)
 merge = to_dense
+
+
+#: The file of a sharded Lightning checkpoint folder (``ModelParallelStrategy``) holding all but the tensors.
+SHARDED_CHECKPOINT_META = "meta.pt"
+
+
+@torch.no_grad()
+def rebuild_sharded_structure(module: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """Rebuild, in ``module`` (in place; returns it), the pruned structure of the sharded Lightning checkpoint
+    ``folder`` (``ModelParallelStrategy``: a shard per rank, ``meta.pt``), each compressed factor sized to its
+    saved count of nonzeros. A run resuming one calls it first::
+
+        module = CausalLM(dense_model)
+        rebuild_sharded_structure(module, folder)
+        trainer.fit(module, ckpt_path=folder)
+
+    Why not a hook: Lightning loads a sharded checkpoint into the model after sharding it
+    (``configure_model``), in place, so every tensor must already have its saved size; a file checkpoint
+    instead rebuilds the structure in ``on_load_checkpoint`` (:class:`PrunedCheckpointMixin`).
+    A folder without a structure spec (a dense run) leaves ``module`` as it is.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = read_torch_file(os.path.join(folder, SHARDED_CHECKPOINT_META), "sharded checkpoint metadata")
+    spec = meta.get(CHECKPOINT_KEY)
+    if spec is None:
+        return module
+    apply_structure_spec(module, spec)
+    saved = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    for name, m in pruned_modules(module):
+        if m.storage != "compressed":
+            continue
+        for f in m.factor_names:
+            values = m.get_parameter(f"{f}_values")
+            # Lightning saves the model's tensors under "state_dict"
+            entry = saved.get(f"state_dict.{module_prefix(name)}{f}_values")
+            if entry is not None and tuple(entry.size) != tuple(values.shape):
+                values.data = values.new_zeros(tuple(entry.size))
+    return module
 
 
 class PrunedCheckpointMixin:
