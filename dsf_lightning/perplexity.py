@@ -63,7 +63,8 @@ def perplexity(model: nn.Module, windows: Tensor, *, batch_size: int = 8, device
         batch_size: windows per forward.
         device: where the windows go; default: the model's first parameter's device.
         distributed: under an initialized ``torch.distributed`` group, every rank scores windows
-            ``rank, rank + world, ...`` and the sums are all-reduced (every rank must call this).
+            ``rank, rank + world, ...`` and the sums are all-reduced (every rank must call this; each runs
+            the same number of forwards, so a model sharded with FSDP is scored too).
         progress: a progress bar over batches.
 
     The model runs in eval mode in its own dtype (no autocast); its training flags are restored.
@@ -78,9 +79,16 @@ def perplexity(model: nn.Module, windows: Tensor, *, batch_size: int = 8, device
     modes = {m: m.training for m in model.modules()}
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
+    batches = list(mine.split(batch_size))
+    # every rank runs the same number of forwards: a sharded model's (FSDP) forward is a collective, so a rank
+    # with fewer windows runs a batch more and discards it
+    rounds = math.ceil(math.ceil(windows.shape[0] / size) / batch_size)
     try:
-        for ids in tqdm(mine.split(batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-            total += window_nll(model, ids.to(device)).double()
+        for i, ids in enumerate(tqdm(batches + [windows[:1]] * (rounds - len(batches)), desc=desc, unit="batch",
+                                     disable=not progress, leave=False)):
+            nll = window_nll(model, ids.to(device)).double()
+            if i < len(batches):
+                total += nll
     finally:
         for m, mode in modes.items():
             m.training = mode

@@ -378,6 +378,37 @@ def test_recipe_ddp_two_processes(tiny_dir, texts, tmp_path):
     assert (tmp_path / "ddp" / "merged" / "config.json").is_file()
 
 
+def test_recipe_fsdp_two_processes(tiny_dir, texts, tmp_path):
+    """--strategy fsdp on 2 gloo processes: the pruned model fine-tunes sharded by decoder block, is scored
+    sharded, and is gathered on rank 0 for the exports, which score what the sharded model scored."""
+    from transformers import AutoModelForCausalLM
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
+    out = tmp_path / "fsdp"
+    # 3 evaluation windows on 2 ranks: one rank scores fewer and must still run every sharded forward
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__),
+                           *_args(tiny_dir, out, "--devices", "2", "--strategy", "fsdp", "--calibration-text",
+                                  texts["calib"], "--eval-text", texts["heldout"], "--eval-samples", "3",
+                                  "--finetune-steps", "3", "--batch-size", "2", "--wandb", "off")],
+                          env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.load(open(out / "results.json"))
+    assert result["world_size"] == 2 and result["finetune_steps"] == 3 and result["config"]["run"]["strategy"] == "fsdp"
+    assert result["nonzeros_outside_masks"] == 0
+    ppl = result["perplexity"]
+    assert ppl["post_finetune"]["heldout"] != ppl["pre_finetune"]["heldout"]  # it trained
+    tok = load_causal_lm(tiny_dir)[1]
+    windows = textdata.consecutive_windows(textdata.tokenize_text(tok, open(texts["heldout"]).read()), 64, 3)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    fp32 = perplexity_rel_bound(torch.float32, fp32_depth(merged.config, factored=True),
+                                direct_perplexity(merged, windows)[1])
+    assert perplexity(merged, windows).perplexity == pytest.approx(ppl["post_finetune"]["heldout"], rel=fp32)
+    packed, _ = load_packed_causal_lm(out / "packed")
+    fp16 = perplexity_rel_bound(torch.float16, 4 * merged.config.num_hidden_layers + 2,
+                                direct_perplexity(merged, windows)[1], computations=1)
+    assert perplexity(packed, windows).perplexity == pytest.approx(ppl["post_finetune"]["heldout"], rel=fp16 + fp32)
+
+
 @pytest.mark.slow
 def test_finetuning_the_pruned_real_model_lowers_held_out_perplexity(smol2_dir, tmp_path):
     """SmolLM2 cut to 2 blocks, DSF at 0.5 on Wikipedia calibration windows, 8 AdamW steps on the calibration
@@ -434,9 +465,11 @@ def test_bad_input(tiny_dir, texts, tmp_path, monkeypatch, no_work, capsys):
     assert "data: eval_samples must be an int >= 1 or None, got 0 (see --eval-samples)" in e
     e = err("--model", str(tmp_path))
     assert "is a folder without config.json" in e
+    e = err("--model", tiny_dir, "--strategy", "fsdp")  # one process: nothing to shard across
+    assert "--strategy fsdp shards the model across processes, and this run has one" in e
     with pytest.raises(SystemExit) as exit_:
-        llama_main(["--strategy", "fsdp"])
-    assert exit_.value.code == 2 and "invalid choice: 'fsdp'" in capsys.readouterr().err
+        llama_main(["--strategy", "deepspeed"])
+    assert exit_.value.code == 2 and "invalid choice: 'deepspeed'" in capsys.readouterr().err
     assert not os.path.exists(out)
 
 

@@ -6,7 +6,7 @@ this file as a script (``python tests/test_sharded.py OUT MODE``) under a hard t
 rank 0 its exports. ``MODE`` is ``fsdp`` (2 processes, each on half of every batch) or ``single`` (1 process,
 whole batches). Each run trains 2 epochs with a ``ModelCheckpoint`` at each epoch's end (sharded: a folder with
 a shard per rank and the structure spec); the ``fsdp`` run then resumes its second epoch from the first
-checkpoint in a fresh dense model.
+checkpoint in a fresh dense model, with activation checkpointing on.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def _run_script(out: str, mode: str) -> None:
     rank = int(os.environ.get("LOCAL_RANK", 0))
     loader = DataLoader(TensorDataset(ids[rank::2] if fsdp else ids), batch_size=2 if fsdp else 4, shuffle=False)
 
-    def fit(model, callbacks, ckpt_path=None):
-        module = CausalLM(model, lr=1e-3, lr_schedule="cosine")
+    def fit(model, callbacks, ckpt_path=None, checkpointing=False):
+        module = CausalLM(model, lr=1e-3, lr_schedule="cosine", gradient_checkpointing=checkpointing)
         if ckpt_path is not None:  # the sharded checkpoint loads into a sharded model: its structure first
             rebuild_sharded_structure(module, ckpt_path)
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if fsdp else "auto"
@@ -128,10 +128,10 @@ def _run_script(out: str, mode: str) -> None:
         whole = module.model
     if whole is not None:
         result["exports"] = _exports(whole, probe, out)
-    if fsdp:  # resume the second epoch from the first one's checkpoint, in a fresh dense model
-        torch.manual_seed(3)
+    if fsdp:  # resume the second epoch from the first one's checkpoint, in a fresh dense model, recomputing
+        torch.manual_seed(3)  # the activations in the backward pass (activation checkpointing under FSDP2)
         resumed = Record()
-        fit(LlamaForCausalLM(LlamaConfig(**CONFIG)), [resumed], ckpt_path=ckpt)
+        fit(LlamaForCausalLM(LlamaConfig(**CONFIG)), [resumed], ckpt_path=ckpt, checkpointing=True)
         result["resumed"] = resumed.losses
     torch.save(result, os.path.join(out, f"rank{trainer.global_rank}.pt"))
 
@@ -185,7 +185,8 @@ def test_a_sharded_checkpoint_holds_a_shard_per_rank_and_the_structure_spec(runs
 
 
 def test_a_dense_model_resumed_from_the_sharded_checkpoint_continues_the_run_exactly(runs):
-    # params, AdamW moments and the schedule's step all restored: the same sums in the same order
+    # params, AdamW moments and the schedule's step all restored: the same sums in the same order; activation
+    # checkpointing (on in the resumed run) recomputes the same activations
     (r0, r1), _ = runs
     for r in (r0, r1):
         assert r["resumed"] == r["losses"][EPOCH:], (r["resumed"], r["losses"])
@@ -218,6 +219,16 @@ def test_gathering_a_model_that_is_not_sharded_says_so():
 
     with pytest.raises(ValueError, match="sharded by fully_shard.*Linear"):
         gathered(nn.Linear(2, 2))
+
+
+def test_a_model_without_decoder_blocks_cannot_be_sharded_and_says_why():
+    from torch import nn
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from dsf_lightning.models.sharding import shard_by_block
+
+    with pytest.raises(ValueError, match="cannot shard Linear by decoder block"):
+        shard_by_block(nn.Linear(2, 2), DeviceMesh.__new__(DeviceMesh))  # refused before the mesh is used
 
 
 def test_a_folder_without_a_structure_leaves_the_module_as_it_is(tmp_path):

@@ -33,7 +33,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
-from dsf_lightning.models.sharding import is_sharded, shard_by_block
+from dsf_lightning.models.sharding import is_fully_sharded, shard_by_block
 from dsf_lightning.modules import Storage, check_storage, set_storage
 from dsf_lightning.persistence.structure import CHECKPOINT_KEY, PrunedCheckpointMixin, pruned_modules, structure_spec
 
@@ -139,7 +139,7 @@ class CausalLM(PrunedCheckpointMixin, pl.LightningModule):
             strategy = self.trainer.strategy
         except RuntimeError:  # no Trainer: load_from_checkpoint builds the module alone
             return
-        if isinstance(strategy, ModelParallelStrategy) and not is_sharded(self.model):
+        if isinstance(strategy, ModelParallelStrategy) and not is_fully_sharded(self.model):
             shard_by_block(self.model, self.device_mesh["data_parallel"])
 
     def on_fit_start(self) -> None:

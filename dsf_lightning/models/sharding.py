@@ -25,17 +25,23 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from dsf_lightning.persistence.structure import apply_structure_spec, pruned_modules, structure_spec
 from dsf_lightning.pipeline.blocks import decoder_blocks
 
-__all__ = ["gathered", "is_sharded", "shard_by_block"]
+__all__ = ["gathered", "is_fully_sharded", "shard_by_block"]
 
 
-def is_sharded(model: nn.Module) -> bool:
+def is_fully_sharded(model: nn.Module) -> bool:
     """Whether ``fully_shard`` was applied to ``model``."""
     return isinstance(model, FSDPModule)
 
 
 def shard_by_block(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
-    """``fully_shard`` every decoder block, then the root, over the 1-D ``mesh``; in place, returns ``model``."""
-    for _, block in decoder_blocks(model):
+    """``fully_shard`` every decoder block, then the root, over the 1-D ``mesh``; in place, returns ``model``.
+    ``ValueError`` before anything is sharded for a model without decoder blocks."""
+    try:
+        blocks = decoder_blocks(model)
+    except ValueError as e:
+        raise ValueError(f"cannot shard {type(model).__name__} by decoder block (its _no_split_modules name the "
+                         f"blocks): {e}") from e
+    for _, block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
@@ -57,7 +63,7 @@ def gathered(model: nn.Module) -> nn.Module | None:
     sharded model does, bit for bit, and goes through every export (``save_packed``, ``to_dense``,
     ``save_pretrained``) as an unsharded model does.
     """
-    if not is_sharded(model):
+    if not is_fully_sharded(model):
         raise ValueError(f"gathered() takes a model sharded by fully_shard, got a plain {type(model).__name__}")
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:

@@ -18,11 +18,13 @@ from dsf_lightning.models.causal_lm import DTYPES, SCHEDULES
 from dsf_lightning.recipes.cli import Config, ConfigParser, flag, group
 from dsf_lightning.recipes.sections import LoggingConfig, RunConfig, at_least, shared_flags
 
-__all__ = ["STRATEGIES", "ExportConfig", "LLMFinetuneConfig", "LLMModelConfig", "LlamaRecipeConfig", "TextDataConfig",
-           "llama_parser"]
+__all__ = ["FSDP_ONE_PROCESS", "STRATEGIES", "ExportConfig", "LLMFinetuneConfig", "LLMModelConfig", "LlamaRecipeConfig",
+           "TextDataConfig", "llama_parser"]
 
 #: Lightning strategies the LLM recipe runs under (``None`` in the config: ``ddp`` on several devices).
-STRATEGIES: tuple[str, ...] = ("ddp", "auto")
+STRATEGIES: tuple[str, ...] = ("ddp", "auto", "fsdp")
+FSDP_ONE_PROCESS = ("--strategy fsdp shards the model across processes, and this run has one: give --devices N "
+                    "(N > 1) or --num-nodes, or use --strategy ddp/auto")
 
 
 @dataclass(frozen=True)
@@ -265,8 +267,8 @@ def llama_parser() -> ConfigParser[LlamaRecipeConfig]:
             "hardware and run",
             shared["--accelerator"], shared["--devices"], shared["--num-nodes"],
             flag("--strategy", to="run.strategy", choices=STRATEGIES,
-                 help="'ddp' (default with more than one device or node) or 'auto'; FSDP is not supported "
-                      "(see README)"),
+                 help="'ddp' (default with more than one device or node), 'auto', or 'fsdp': fine-tune with "
+                      "the pruned model sharded across the processes by decoder block (FSDP2; see README)"),
             flag("--precision", to="run.precision",
                  help="Lightning precision of fine-tuning; default: 'bf16-mixed' on a GPU with bf16, "
                       "'16-mixed' on other GPUs, else '32-true' (perplexity runs in --dtype)"),

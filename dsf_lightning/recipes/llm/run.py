@@ -16,9 +16,11 @@ rank then runs :func:`execute_llama`:
    exists, so Lightning launches nothing) + :class:`~dsf_lightning.models.CausalLM`; ``post_finetune``;
 4. rank zero: ``packed/`` and ``merged/`` exports, ``results.json``, the summary.
 
-FSDP is not supported: the prune and the perplexity evaluations run on whole (unsharded) modules on every
-rank, and the exports would need a gathered state dict; the recipe refuses other strategies than
-``ddp``/``auto`` in ``prepare``.
+``--strategy fsdp``: steps 1-2 as above (the prune runs on whole modules, before any wrapping), then the
+fine-tuning ``Trainer`` takes Lightning's ``ModelParallelStrategy`` and ``CausalLM`` shards the pruned model
+by decoder block (FSDP2; :mod:`~dsf_lightning.models.sharding`); ``post_finetune`` scores the sharded model
+(every rank runs the same number of forwards); the model is then gathered whole on rank 0's CPU for the
+mask count and the exports.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
@@ -60,6 +63,7 @@ from dsf_lightning.models.causal_lm import (
     model_short_name,
     set_activation_checkpointing,
 )
+from dsf_lightning.models.sharding import gathered, is_fully_sharded
 from dsf_lightning.perplexity import perplexity
 from dsf_lightning.persistence.export import save_packed
 from dsf_lightning.persistence.files import atomic_folder, write_json
@@ -79,7 +83,7 @@ from dsf_lightning.recipes.common import (
     with_output_dir,
     write_config,
 )
-from dsf_lightning.recipes.llm.config import STRATEGIES, LlamaRecipeConfig, llama_parser
+from dsf_lightning.recipes.llm.config import FSDP_ONE_PROCESS, STRATEGIES, LlamaRecipeConfig, llama_parser
 from dsf_lightning.recipes.sections import RunConfig
 from dsf_lightning.runs.records import run_name
 
@@ -156,8 +160,17 @@ def peak_memory(device: torch.device) -> dict[str, int]:
 
 
 def _strategy(run: RunConfig) -> str:
+    """The name of the run's strategy: ``run.strategy``, or ``"ddp"`` with more than one device or node."""
     multi = (isinstance(run.devices, int) and run.devices > 1) or run.num_nodes > 1
     return run.strategy or ("ddp" if multi else "auto")
+
+
+def _trainer_strategy(run: RunConfig) -> Strategy | str:
+    """The fine-tuning ``Trainer``'s strategy: ``fsdp`` is Lightning's ``ModelParallelStrategy`` with every
+    process in one data-parallel (sharding) group (``CausalLM.configure_model`` shards by decoder block)."""
+    if _strategy(run) == "fsdp":
+        return ModelParallelStrategy(data_parallel_size=world()[1], tensor_parallel_size=1)
+    return _strategy(run)
 
 
 def _precision(run: RunConfig) -> str:
@@ -173,8 +186,9 @@ def launch(run: RunConfig) -> torch.device:
     returns this rank's device."""
     from lightning.fabric import Fabric
 
+    # fsdp: the same processes and group as ddp (the Trainer shards later); Fabric's "fsdp" refuses a CPU
     fabric = Fabric(accelerator=run.accelerator, devices=run.devices, num_nodes=run.num_nodes,
-                    strategy=_strategy(run), precision="32-true")
+                    strategy="ddp" if _strategy(run) == "fsdp" else _strategy(run), precision="32-true")
     if fabric.world_size > 1 and not torch.distributed.is_initialized():
         fabric.launch()
         rank_zero_only.rank = fabric.global_rank
@@ -218,7 +232,7 @@ def _finetune(prepared: LlamaPrepared, model: nn.Module, logger: Any, progress: 
     val = next(iter(prepared.evals.values())) if ft.val_every else None
     dm = TextDataModule(prepared.train, val, batch_size=ft.batch_size, num_workers=run.num_workers)
     trainer = pl.Trainer(
-        accelerator=run.accelerator, devices=run.devices, num_nodes=run.num_nodes, strategy=_strategy(run),
+        accelerator=run.accelerator, devices=run.devices, num_nodes=run.num_nodes, strategy=_trainer_strategy(run),
         precision=_precision(run), max_steps=ft.steps, max_epochs=-1,
         accumulate_grad_batches=ft.accumulate_grad_batches,
         gradient_clip_val=ft.gradient_clip_val, logger=logger if logger is not None else False,
@@ -277,6 +291,8 @@ def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
     rank, size = world()
     if size > prepared.calibration.shape[0]:  # --devices auto: the count is only known now
         raise ValueError(f"--calibration-samples {prepared.calibration.shape[0]} is fewer than the {size} processes")
+    if size == 1 and _strategy(run) == "fsdp":
+        raise ValueError(FSDP_ONE_PROCESS)
     progress = run.progress_bar and rank == 0
     out = config.logging.output_dir
     write_config(config, out)
@@ -309,7 +325,12 @@ def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
         else:  # no fine-tuning: the model after zero steps is the pruned one
             ppl["post_finetune"] = dict(ppl["pre_finetune"])
         _log(logger, {f"post_finetune/ppl/{n}": v for n, v in ppl["post_finetune"].items()}, steps)
-        outside = nonzeros_outside_masks(model)  # the masks proved on the tensors; 0 unless something broke them
+        # fsdp: the whole model on rank 0 (a collective) for the mask count and the exports; None elsewhere
+        whole = gathered(model) if is_fully_sharded(model) else model
+        count = [nonzeros_outside_masks(whole) if whole is not None else None]  # 0 unless something broke a mask
+        if whole is not model:
+            torch.distributed.broadcast_object_list(count, src=0)
+        outside = count[0]
         wandb_summary(logger, {**{f"{stage}/ppl/{n}": v for stage, vals in ppl.items() for n, v in vals.items()},
                                **seconds, "nnz": report.nnz, "dense_numel": report.dense_numel,
                                "nonzeros_outside_masks": outside, "finetune_memory": finetune_memory})
@@ -320,7 +341,7 @@ def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
                                   "protocol": prepared.protocol, "prune": report.totals(), "layers": report.to_rows(),
                                   "config": config.to_dict()}
         if rank == 0:
-            result["exports"] = export_pruned(model, prepared.tokenizer, out, config.export.packed,
+            result["exports"] = export_pruned(whole, prepared.tokenizer, out, config.export.packed,
                                               config.export.merged)
             write_json(os.path.join(out, "results.json"), result)
             print(summary(run_name(who), ppl, seconds,
@@ -341,6 +362,8 @@ def prepare_llama(config: LlamaRecipeConfig) -> LlamaPrepared:
     data, run, ft = config.data, config.run, config.finetune
     if (run.strategy or "ddp") not in STRATEGIES:
         raise ValueError(f"--strategy {run.strategy!r} is not supported by the LLM recipe; use one of {STRATEGIES}")
+    if run.strategy == "fsdp" and run.devices == 1 and run.num_nodes == 1:
+        raise ValueError(FSDP_ONE_PROCESS)
     if run.fast_dev_run or run.limit_batches is not None:
         raise ValueError("run.fast_dev_run and run.limit_batches are not used by the LLM recipe: quick runs use "
                          "--finetune-steps, --calibration-samples, --eval-samples and --seq-len")
@@ -356,6 +379,11 @@ def prepare_llama(config: LlamaRecipeConfig) -> LlamaPrepared:
     plan_prune(model, config.prune)
     if config.prune.sequential:
         decoder_blocks(model)
+    if run.strategy == "fsdp":
+        try:
+            decoder_blocks(model)
+        except ValueError as e:
+            raise ValueError(f"--strategy fsdp shards the model by decoder block: {e}; use --strategy ddp") from e
     ft_windows = ft.steps * ft.batch_size * ft.accumulate_grad_batches * (world or 1)
     cap = max(4 * data.calibration_samples, ft_windows) * seq_len if calib_src.shuffle else None
     calibration, stream = calibration_windows(tokenizer, calib_src, seq_len, data.calibration_samples,
