@@ -15,7 +15,8 @@ Two parts, each a table of the rows dense, single mask, DSF masked and DSF compr
   layer's budget (memory and time depend on the counts, not on which entries are kept).
 * ``sharded``: LLaMA-2-7B and LLaMA-2-70B shapes, training state per rank under FSDP2 on ``--ranks`` ranks
   (``CausalLM`` under ``ModelParallelStrategy``): every parameter with its gradient and AdamW moments is split
-  over the ranks, the buffers (masks, bit patterns) are whole on every rank. Counted from the shapes and the
+  over the ranks, and so are the compressed bit patterns (frozen parameters); the masked storage's bool masks are
+  buffers, whole on every rank. Counted from the shapes and the
   budget rule; the count is checked against the modules' own tensors (``meta``'s count) for the 7B shapes.
 * ``--longest-seq``, on a GPU only: per row, the longest sequence at batch 16 whose fine-tune step fits under
   ``--cap-gib`` (``torch.cuda.set_per_process_memory_fraction``), as Table 6 does.
@@ -122,7 +123,9 @@ def model_shapes(hidden: int, inter: int, blocks: int, vocab: int, kv: int) -> t
 
 
 def layer_split(row: str, out: int, in_: int, density: float) -> tuple[int, int]:
-    """``(parameter state, buffers)`` bytes of one layer: what FSDP2 shards, what every rank holds whole."""
+    """``(sharded, whole)`` bytes of one layer under FSDP2: the parameter state, and the compressed storage's bit
+    patterns (frozen parameters when sharded: ``MaskedLayer.patterns_to_parameters_``), split over the ranks;
+    the masked storage's bool masks, buffers, whole on every rank."""
     r = min(out, in_)
     if row == "dense":
         return out * in_ * ADAMW_BYTES, 0
@@ -130,7 +133,7 @@ def layer_split(row: str, out: int, in_: int, density: float) -> tuple[int, int]
         return out * in_ * ADAMW_BYTES, out * in_  # bool mask
     if row == "DSF masked":
         return (r * in_ + out * r) * ADAMW_BYTES, r * in_ + out * r
-    return nnz_budget(density, out * in_) * ADAMW_BYTES, -(-r * in_ // 8) + -(-out * r // 8)  # values; packed bits
+    return nnz_budget(density, out * in_) * ADAMW_BYTES + -(-r * in_ // 8) + -(-out * r // 8), 0  # values, bits
 
 
 def sharded(args: argparse.Namespace) -> None:
@@ -141,19 +144,20 @@ def sharded(args: argparse.Namespace) -> None:
         split = sum(n * sum(layer_split(row, o, i_, args.density)) for (o, i_), n in shapes.items())
         assert split == sum(n * layer_state(row, o, i_, args.density) for (o, i_), n in shapes.items()), row
     print(f"training state per rank, AdamW fp32, density {args.density} (pruned layers), FSDP2 on {args.ranks} ranks "
-          f"(parameters, gradients and moments split; buffers whole)")
-    print("| model | row | unsharded | per rank | per rank vs dense unsharded |\n|---|---|---:|---:|---:|")
+          f"(parameters, gradients, moments and packed bit patterns split; bool masks whole)")
+    print("| model | row | unsharded | per rank | of which buffers (whole) | per rank vs dense unsharded |\n"
+          "|---|---|---:|---:|---:|---:|")
     for name, dims in MODELS.items():
         shapes, rest = model_shapes(*dims)
         dense = (sum(n * o * i_ for (o, i_), n in shapes.items()) + rest) * ADAMW_BYTES
         for row in ROWS:
             splits = {shape: layer_split(row, *shape, args.density) for shape in shapes}
             parts = [(n * splits[shape][0], n * splits[shape][1]) for shape, n in shapes.items()]
-            params = rest * ADAMW_BYTES + sum(p for p, _ in parts)
-            buffers = sum(b for _, b in parts)
+            params = rest * ADAMW_BYTES + sum(p for p, _ in parts)  # split over the ranks
+            buffers = sum(b for _, b in parts)  # whole on every rank
             per_rank = params / args.ranks + buffers
             print(f"| {name} | {row} | {(params + buffers) / GIB:.1f} GiB | {per_rank / GIB:.2f} GiB | "
-                  f"{per_rank / dense:.3f}x |")
+                  f"{buffers / GIB:.2f} GiB | {per_rank / dense:.3f}x |")
 
 
 # --------------------------------------------------------------------------------------- smollm2

@@ -156,10 +156,9 @@ def test_each_rank_holds_about_half_the_training_state(runs):
     (r0, r1), single = runs
     assert (r0["world"], r1["world"], r0["sharded"]) == (2, 2, "DTensor")
     for r in (r0, r1):
-        # the values, their gradients and AdamW state are sharded; the bit patterns are replicated buffers
-        sharded = r["state"]["total"] - r["state"]["buffers"]
-        assert sharded <= 0.55 * (single["state"]["total"] - single["state"]["buffers"]), (r["state"], single)
-        assert r["state"]["buffers"] == single["state"]["buffers"]
+        # the values, their gradients and AdamW state, and the bit patterns (frozen parameters) are sharded
+        assert r["state"]["total"] <= 0.55 * single["state"]["total"], (r["state"], single["state"])
+        assert r["state"]["buffers"] < single["state"]["buffers"] / 10  # only the rotary frequencies are whole
 
 
 def _bound() -> float:

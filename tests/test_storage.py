@@ -270,3 +270,21 @@ def test_training_memory_reads_the_training_state_from_the_tensors(both, storage
     if storage == "compressed":
         factors = sum(p.numel() for _, m in pruned_modules(net) for p in m.factor_parameters())
         assert factors == nnz  # every trainable factor element is a nonzero
+
+
+def test_patterns_as_frozen_parameters_change_nothing_but_where_they_are_held(both):
+    # FSDP2 shards parameters, not buffers: the bit patterns become frozen parameters before sharding
+    net = copy.deepcopy(both[1])
+    keys, want = list(net.state_dict()), net(_x())
+    for _, m in pruned_modules(net):
+        m.patterns_to_parameters_()
+    bits = [p for n, p in net.named_parameters() if n.endswith("_bits")]
+    assert len(bits) == 2 * 2 + 1 and all(p.dtype == torch.uint8 and not p.requires_grad for p in bits)
+    assert not any(n.endswith("_bits") for n, _ in net.named_buffers())
+    assert list(net.state_dict()) == keys and torch.equal(net(_x()), want)
+    assert nonzeros_outside_masks(net) == 0
+    masked = copy.deepcopy(both[0])
+    before = dict(masked.named_buffers())
+    for _, m in pruned_modules(masked):
+        m.patterns_to_parameters_()  # the masked storage keeps its masks as buffers
+    assert dict(masked.named_buffers()).keys() == before.keys()

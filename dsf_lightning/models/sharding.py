@@ -7,8 +7,10 @@
 
 The units of sharding are the decoder blocks (the model's ``_no_split_modules``,
 :func:`~dsf_lightning.pipeline.blocks.decoder_blocks`), then the root for what is left (embeddings, final
-norm, head). A compressed factor's 1-D values are parameters and get sharded; its bit patterns are buffers,
-which FSDP2 does not manage: each rank keeps the whole pattern it built in the (identical) prune or loaded.
+norm, head). A compressed factor's 1-D values are parameters and get sharded. Its uint8 bit patterns are
+buffers, which FSDP2 does not manage, so before sharding they become frozen parameters
+(:meth:`~dsf_lightning.modules.base.MaskedLayer.patterns_to_parameters_`) and are sharded too: each rank
+keeps 1/N of them, and they are all-gathered with the values for each block's forward and backward.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def shard_by_block(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     except ValueError as e:
         raise ValueError(f"cannot shard {type(model).__name__} by decoder block (its _no_split_modules name the "
                          f"blocks): {e}") from e
+    for _, m in pruned_modules(model):
+        m.patterns_to_parameters_()  # sharded like the values, instead of whole on every rank
     for _, block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)

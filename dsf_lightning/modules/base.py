@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from dsf_lightning.factorization import Factorization
 from dsf_lightning.layers import PAD_MODES, explicit_padding, grouped, layer_kind, pair, weight_matrix
@@ -86,7 +87,7 @@ class MaskedLayer(nn.Module):
         """Bool mask of factor ``name`` (its dense shape)."""
         if self._storage == "masked":
             return self._buffers[f"{name}_mask"]
-        return unpack_bits(self._buffers[f"{name}_bits"], self._factor_shapes[name])
+        return unpack_bits(getattr(self, f"{name}_bits"), self._factor_shapes[name])  # a buffer, or see below
 
     def factor(self, name: str) -> Tensor:
         """Factor ``name`` as a dense tensor, zero outside its mask; differentiable in the parameter."""
@@ -145,6 +146,17 @@ class MaskedLayer(nn.Module):
             param = self._parameters[f"{name}_values"]
             self._buffers[f"{name}_bits"].copy_(pack_bits(mask))
             param.data = value.to(device=param.device, dtype=param.dtype)[mask].clone()
+
+    def patterns_to_parameters_(self) -> MaskedLayer:
+        """In place, compressed storage: the bit patterns become frozen parameters (``requires_grad=False``)
+        under the same names and state-dict keys, for wrappers that shard parameters but not buffers (FSDP2).
+        Nothing else changes: no optimizer takes them (no gradient), and the forward reads them by name. The
+        masked storage keeps its masks as buffers. Returns ``self``."""
+        if self._storage == "compressed":
+            for name in self.factor_names:
+                bits = self._buffers.pop(f"{name}_bits")
+                self.register_parameter(f"{name}_bits", nn.Parameter(bits, requires_grad=False))
+        return self
 
     def _mask_key(self, name: str) -> str:
         return f"{name}_mask" if self._storage == "masked" else f"{name}_bits"
@@ -231,6 +243,8 @@ class MaskedLayer(nn.Module):
 
 def _checked_mask(layer: str, name: str, values: Tensor, bits: Tensor, shape: tuple[int, ...]) -> Tensor:
     """The mask of a compressed factor's ``bits``, ``ValueError`` unless ``values`` holds one entry per bit."""
+    if isinstance(bits, DTensor):  # loading into a model sharded by FSDP2: every rank loads the same keys
+        bits = bits.full_tensor()
     try:
         mask = unpack_bits(bits, shape)
     except ValueError as e:
