@@ -230,6 +230,17 @@ def test_a_model_without_decoder_blocks_cannot_be_sharded_and_says_why():
         shard_by_block(nn.Linear(2, 2), DeviceMesh.__new__(DeviceMesh))  # refused before the mesh is used
 
 
+def test_a_tensor_parallel_mesh_is_refused_with_the_strategy_to_use():
+    from types import SimpleNamespace
+
+    from dsf_lightning.models.sharding import sharding_mesh
+
+    dp = SimpleNamespace(size=lambda: 2)
+    assert sharding_mesh({"data_parallel": dp, "tensor_parallel": SimpleNamespace(size=lambda: 1)}) is dp
+    with pytest.raises(ValueError, match=r"tensor-parallel dimension of 2.*tensor_parallel_size=1"):
+        sharding_mesh({"data_parallel": SimpleNamespace(size=lambda: 1), "tensor_parallel": dp})
+
+
 def test_a_folder_without_a_structure_leaves_the_module_as_it_is(tmp_path):
     from torch import nn
 

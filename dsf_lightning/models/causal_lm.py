@@ -33,7 +33,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
-from dsf_lightning.models.sharding import is_fully_sharded, shard_by_block
+from dsf_lightning.models.sharding import is_fully_sharded, shard_by_block, sharding_mesh
 from dsf_lightning.modules import Storage, check_storage, set_storage
 from dsf_lightning.persistence.structure import CHECKPOINT_KEY, PrunedCheckpointMixin, pruned_modules, structure_spec
 
@@ -129,18 +129,18 @@ class CausalLM(PrunedCheckpointMixin, pl.LightningModule):
             set_activation_checkpointing(model, True)
 
     def configure_model(self) -> None:
-        """Under Lightning's ``ModelParallelStrategy``: FSDP2 ``fully_shard`` by decoder block over the
-        data-parallel mesh (:func:`~dsf_lightning.models.sharding.shard_by_block`: the values are sharded, the
-        bit patterns replicated). A sharded checkpoint loads into the model once it is sharded, so to resume
-        one in a dense model, rebuild its structure first
-        (:func:`~dsf_lightning.persistence.structure.rebuild_sharded_structure`). Any other strategy, or no
-        Trainer (``load_from_checkpoint``): nothing to do."""
+        """Under Lightning's ``ModelParallelStrategy`` (``tensor_parallel_size=1``, else ``ValueError``): FSDP2
+        ``fully_shard`` by decoder block over the data-parallel mesh
+        (:func:`~dsf_lightning.models.sharding.shard_by_block`: the values and bit patterns are sharded).
+        A sharded checkpoint loads into the model once it is sharded, so to resume one in a dense model,
+        rebuild its structure first (:func:`~dsf_lightning.persistence.structure.rebuild_sharded_structure`).
+        Any other strategy, or no Trainer (``load_from_checkpoint``): nothing to do."""
         try:
             strategy = self.trainer.strategy
         except RuntimeError:  # no Trainer: load_from_checkpoint builds the module alone
             return
         if isinstance(strategy, ModelParallelStrategy) and not is_fully_sharded(self.model):
-            shard_by_block(self.model, self.device_mesh["data_parallel"])
+            shard_by_block(self.model, sharding_mesh(self.device_mesh))
 
     def on_fit_start(self) -> None:
         """The wrapped model in train mode: transformers loads models in eval mode and Lightning keeps modes."""

@@ -27,7 +27,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from dsf_lightning.persistence.structure import apply_structure_spec, pruned_modules, structure_spec
 from dsf_lightning.pipeline.blocks import decoder_blocks
 
-__all__ = ["gathered", "is_fully_sharded", "shard_by_block"]
+__all__ = ["gathered", "is_fully_sharded", "shard_by_block", "sharding_mesh"]
 
 
 def is_fully_sharded(model: nn.Module) -> bool:
@@ -49,6 +49,18 @@ def shard_by_block(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def sharding_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The data-parallel dimension of ``ModelParallelStrategy``'s 2-D mesh, to shard over. ``ValueError`` when
+    its tensor-parallel dimension is larger than 1 (the strategy's default puts every device of a node there):
+    nothing here splits tensors, and the ranks of a tensor-parallel group would train on the same batches."""
+    tp = mesh["tensor_parallel"].size()
+    if tp > 1:
+        raise ValueError(f"CausalLM shards by decoder block over the data-parallel dimension only, and the mesh has "
+                         f"a tensor-parallel dimension of {tp}: use ModelParallelStrategy(data_parallel_size="
+                         f"<processes>, tensor_parallel_size=1)")
+    return mesh["data_parallel"]
 
 
 def _unsharded_class(model: nn.Module) -> type[nn.Module]:
