@@ -294,7 +294,8 @@ class DSFPruneCallback(Callback):
         self.metrics.update(totals)
         rank_zero_info(f"DSFPruneCallback: pruned {len(report.layers)} layers with {self.config.method!r} at density "
                        f"{self.config.density} in {report.seconds:.1f}s; mean error vs magnitude "
-                       f"{totals['dsf/mean_error_vs_magnitude']:.3f}")
+                       f"{totals['dsf/mean_error_vs_magnitude']:.3f}; density over all weight matrices "
+                       f"{report.model_density:.3f}, {len(report.skipped)} left dense (the report's skipped says why)")
         log_report(trainer.loggers, report, trainer.global_step, self.log_layer_scalars)
         if trainer.is_global_zero and report.layers:
             for lg in trainer.loggers:  # the prune's config as hyperparameters: filters on W&B, dsf-compare's key

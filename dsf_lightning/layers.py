@@ -29,6 +29,7 @@ __all__ = [
     "linear_as_conv1d",
     "layer_kind",
     "pair",
+    "raw_weight_reason",
     "weight_matrix",
 ]
 
@@ -74,6 +75,16 @@ def grouped(conv: Any) -> str | None:
     weight is not one ``(out, fan_in)`` matrix over its input patches."""
     groups = getattr(conv, "groups", 1)
     return f"groups={groups} > 1 (depthwise/grouped convs are not factorized)" if groups != 1 else None
+
+
+def raw_weight_reason(owner: nn.Module, leaf: str) -> str:
+    """Why the parameter ``leaf`` (2+ dims) of ``owner``, a module that is no prunable layer, is left dense."""
+    if isinstance(owner, nn.MultiheadAttention):
+        return (f"{leaf} is read directly by nn.MultiheadAttention's forward (F.multi_head_attention_forward), "
+                f"not through a layer")
+    if isinstance(owner, nn.Embedding):
+        return "an nn.Embedding table is looked up, not multiplied (kept dense)"
+    return f"held by {type(owner).__name__} itself, not by a layer this prunes ({SUPPORTED})"
 
 
 def fan_in(name: str, module: nn.Module) -> int:

@@ -177,8 +177,7 @@ def run_blocks(model: nn.Module, plan: PrunePlan, batches: Iterable, *, forward:
         plan = allocate_before_blocks(model, plan, batches, forward, reduce)
     run = BlockRun(store, device)
     run.capture(model, blocks[0][1], batches, forward)
-    report = PruneReport(method=plan.config.method, family=plan.family, density=plan.config.density,
-                         skipped=plan.skipped)
+    report = plan.new_report()
     records: list[LayerRecord] = report.layers
     last = max(i for i, (b, _) in enumerate(blocks) if owned[b])
     bar = tqdm(blocks[: last + 1], desc=f"prune {plan.config.method} by block", unit="block", disable=not progress)

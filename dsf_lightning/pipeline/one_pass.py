@@ -25,8 +25,7 @@ def run_one_pass(model: nn.Module, plan: PrunePlan, batches: Iterable | None, *,
                  grams: Mapping[str, Tensor] | None = None, undo: Undo | None = None) -> PruneReport:
     """Prune ``plan``'s targets in place: Grams over ``batches`` (merged over processes by ``reduce``), or the
     given ``grams``, or none (data-free); the allocation; every layer solved by ``executor``; installed."""
-    report = PruneReport(method=plan.config.method, family=plan.family, density=plan.config.density,
-                         skipped=plan.skipped)
+    report = plan.new_report()
     if batches is not None:
         rec = record_grams(model, plan.targets, batches, forward)
         accs = reduce(rec.accumulators, next(model.parameters()).device)

@@ -23,9 +23,10 @@ from dsf_lightning.layers import SUPPORTED, layer_kind, weight_matrix
 from dsf_lightning.modules import is_pruned_module
 from dsf_lightning.pipeline.allocation import allocate, budget_bounds, layer_scores
 from dsf_lightning.pipeline.jobs import LayerJob
+from dsf_lightning.pipeline.report import PruneReport
 from dsf_lightning.pipeline.targets import Family, detect_family, find_targets
 
-__all__ = ["PrunePlan", "allocate_densities", "layer_jobs", "plan_prune", "target_matrix"]
+__all__ = ["PrunePlan", "allocate_densities", "layer_jobs", "plan_prune", "target_matrix", "weights_outside"]
 
 
 @dataclass
@@ -43,6 +44,28 @@ class PrunePlan:
     options: dict[str, Any]
     #: the smallest density the method can spend on each layer the allocation spreads the budget over
     minimum: dict[str, float] = field(default_factory=dict)
+    #: ``(nonzeros, dense elements)`` of every weight of 2+ dims outside the targets (pruned ones count
+    #: their nonzeros), for the model-level density
+    outside: tuple[int, int] = (0, 0)
+
+    def new_report(self) -> PruneReport:
+        """The empty report of this plan's prune: what is skipped and what lies outside the targets."""
+        return PruneReport(method=self.config.method, family=self.family, density=self.config.density,
+                           skipped=self.skipped, outside_nnz=self.outside[0], outside_numel=self.outside[1])
+
+
+def weights_outside(model: nn.Module, targets: Mapping[str, nn.Module]) -> tuple[int, int]:
+    """``(nonzeros, dense elements)`` of the weights of 2+ dims outside ``targets``: a pruned module counts its
+    nonzeros over its dense ``(out, fan_in)``, any other parameter of 2+ dims all of its elements."""
+    nnz = numel = 0
+    pruned = dict((n, m) for n, m in model.named_modules() if is_pruned_module(m) and n not in targets)
+    for m in pruned.values():
+        nnz, numel = nnz + m.nnz, numel + m.out_dim * m.fan_in
+    for name, p in model.named_parameters():
+        owner = name.rpartition(".")[0]
+        if p.dim() >= 2 and owner not in targets and owner not in pruned:
+            nnz, numel = nnz + p.numel(), numel + p.numel()
+    return nnz, numel
 
 
 def target_matrix(layer: nn.Module) -> Tensor:
@@ -90,7 +113,7 @@ def plan_prune(model: nn.Module, config: PruneConfig, *, with_calibration: bool 
                       _free_budget(config, shapes), opts["min_ratio"], opts["max_ratio"])
     return PrunePlan(config=config, family=family, targets=targets,
                      layer_types={n: type(m).__name__ for n, m in targets.items()}, skipped=skipped,
-                     densities=densities, options=options, minimum=minimum)
+                     densities=densities, options=options, minimum=minimum, outside=weights_outside(model, targets))
 
 
 def _minimum_density(method: str, out: int, fan_in: int, options: Mapping[str, Any], name: str) -> float:

@@ -48,6 +48,9 @@ class PruneReport:
     seconds: float = 0.0
     #: the sequential pipeline's largest working set (activations, one block's Grams and jobs), bytes
     working_set_bytes: int | None = None
+    #: nonzeros and dense elements of the model's other weights of 2+ dims (those left dense count whole)
+    outside_nnz: int = 0
+    outside_numel: int = 0
 
     @property
     def nnz(self) -> int:
@@ -61,9 +64,17 @@ class PruneReport:
     def dense_numel(self) -> int:
         return sum(r.shape[0] * r.shape[1] for r in self.layers)
 
+    @property
+    def model_density(self) -> float:
+        """Nonzeros over elements of all the model's weights of 2+ dims: the pruned layers, and every other
+        weight (``skipped`` says why each was left dense)."""
+        total = self.dense_numel + self.outside_numel
+        return (self.nnz + self.outside_nnz) / total if total else 0.0
+
     def totals(self) -> dict[str, float | int]:
-        """Numbers for ``logger.log_metrics``: layer counts, nnz, budget, achieved density over the
-        pruned layers, mean relative error and mean error ratio to magnitude, seconds."""
+        """Numbers for ``logger.log_metrics``: layer counts, nnz, budget, achieved density over the pruned
+        layers and over all weight matrices (``model_density``), mean relative error and mean error ratio
+        to magnitude, seconds."""
         finite = lambda xs: [x for x in xs if math.isfinite(x)]  # noqa: E731
         rel = finite([r.relative_error for r in self.layers])
         ratio = finite([r.error_vs_magnitude for r in self.layers])
@@ -72,6 +83,7 @@ class PruneReport:
             "nnz": self.nnz, "budget": self.budget,
             "dense_numel": self.dense_numel,
             "achieved_density": self.nnz / self.dense_numel if self.dense_numel else 0.0,
+            "model_density": self.model_density,
             "mean_relative_error": sum(rel) / len(rel) if rel else math.nan,
             "mean_error_vs_magnitude": sum(ratio) / len(ratio) if ratio else math.nan,
             "seconds": self.seconds,

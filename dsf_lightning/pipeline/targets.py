@@ -16,7 +16,7 @@ from typing import Literal
 
 from torch import nn
 
-from dsf_lightning.layers import SUPPORTED, grouped, layer_kind
+from dsf_lightning.layers import SUPPORTED, grouped, layer_kind, raw_weight_reason
 from dsf_lightning.modules import ConvGeometry, DSFLinear, SparseLinear, is_pruned_module
 
 __all__ = ["FAMILIES", "Family", "as_patterns", "block_stacks", "detect_family", "find_targets", "matching",
@@ -69,9 +69,11 @@ def _prunable(m: nn.Module) -> bool:
 
 
 def unsupported(model: nn.Module, skipped: Mapping[str, str]) -> dict[str, str]:
-    """The entries of ``skipped`` (:func:`find_targets`) whose module is not a supported layer type at all
-    (an ``include`` pattern named it), decided by the module's type, not by the reason's wording."""
-    return {n: r for n, r in skipped.items() if not _prunable(model.get_submodule(n))}
+    """The entries of ``skipped`` (:func:`find_targets`) naming a module that is not a supported layer type at
+    all (an ``include`` pattern named it), decided by the module's type, not by the reason's wording; entries
+    naming a parameter (a weight no layer holds) are not among them."""
+    modules = dict(model.named_modules())
+    return {n: r for n, r in skipped.items() if n in modules and not _prunable(modules[n])}
 
 
 def block_stacks(model: nn.Module) -> list[str]:
@@ -121,6 +123,24 @@ def _family_rule(model: nn.Module, layers: list[tuple[str, nn.Module]], family: 
     return selected
 
 
+def _report_dense_weights(model: nn.Module, targets: Mapping[str, nn.Module], skipped: dict[str, str],
+                          include: Sequence[str] | None) -> None:
+    """Add to ``skipped`` every weight of 2+ dims that stays dense and has no reason yet: a supported layer no
+    ``include`` pattern matched (keyed by the layer's name), or a parameter of a module that is no prunable
+    layer (keyed by the parameter's name: ``attn.in_proj_weight``, ``embed_tokens.weight``)."""
+    for name, p in model.named_parameters():
+        owner_name, _, leaf = name.rpartition(".")
+        if p.dim() < 2 or owner_name in targets or owner_name in skipped:
+            continue
+        owner = model.get_submodule(owner_name)
+        if is_pruned_module(owner):  # pruned before: its factors are the pruned weight
+            continue
+        if layer_kind(owner) is not None:
+            skipped[owner_name] = f"not matched by the include patterns {list(include or ())}"
+        else:
+            skipped[name] = raw_weight_reason(owner, leaf)
+
+
 def find_targets(
     model: nn.Module,
     *,
@@ -148,8 +168,10 @@ def find_targets(
     ``nn.MultiheadAttention``'s ``out_proj`` (read as a weight, never called), the root module.
 
     Returns:
-        ``(targets, skipped)``: ``{name: module}`` in module order, and ``{name: reason}`` for every
-        supported layer left out and every unsupported leaf module an ``include`` pattern named.
+        ``(targets, skipped)``: ``{name: module}`` in module order, and ``{name: reason}`` for every weight of
+        2+ dims left dense: a supported layer left out or an unsupported leaf module an ``include`` pattern
+        named (keyed by the module's name), or a parameter of a module that is no prunable layer (keyed by
+        the parameter's name: ``nn.MultiheadAttention``'s ``in_proj_weight``, embeddings, ...).
 
     Raises:
         ValueError: a selected layer is already pruned (``to_dense`` first, or exclude it); bad family.
@@ -198,6 +220,7 @@ def find_targets(
     if pruned:
         shown = ", ".join(pruned[:5]) + (f" and {len(pruned) - 5} more" if len(pruned) > 5 else "")
         raise ValueError(f"layer {shown} is already pruned; to_dense(model) first or exclude it")
+    _report_dense_weights(model, targets, skipped, include)
     for n, reason in skipped.items():
         log.debug("not pruning %s: %s", n or "<root>", reason)
     return targets, skipped
