@@ -178,6 +178,10 @@ class DSFLinear(_TwoFactor):
         """Detached ``(out, in)`` dense weight ``S F``."""
         return self._product().detach()
 
+    def dense_weight(self) -> Tensor:
+        """``(out, in)`` dense weight ``S F``, differentiable in the factors: for code that reads a weight."""
+        return self._product()
+
     def to_dense(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing the same function (same dtype/device, bias copied)."""
         return dense_linear(self.merged_weight(), self.bias).train(self.training)

@@ -77,6 +77,10 @@ class SparseLinear(_SingleMask):
         """``x (..., in) -> (..., out)``."""
         return F.linear(x, self.factor("weight"), self.bias)
 
+    def dense_weight(self) -> Tensor:
+        """``(out, in)`` masked weight, differentiable in the parameter: for code that reads a weight."""
+        return self.factor("weight")
+
     def to_dense(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the masked weight (same dtype/device, bias copied)."""
         return dense_linear(self.merged_weight(), self.bias).train(self.training)
