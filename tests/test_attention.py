@@ -83,12 +83,14 @@ def test_folding_restores_a_plain_module_with_the_current_product():
 def test_undoing_an_exposure_puts_back_the_very_parameters():
     mha = _mha()
     before = dict(mha.named_parameters())
+    values = {n: p.detach().clone() for n, p in before.items()}
     exposure = expose_attention(nn.Sequential(mha))
     exposure.keep_only({"0.parametrizations.in_proj_weight.0.q"})  # out_proj's weight not targeted: back
     assert mha.out_proj.weight is before["out_proj.weight"]
     exposure.undo()
     assert type(mha) is nn.MultiheadAttention and type(mha.out_proj).__name__ == "NonDynamicallyQuantizableLinear"
     assert all(dict(mha.named_parameters())[n] is p for n, p in before.items()) and not exposure.layers
+    assert all(torch.equal(p, values[n]) for n, p in mha.named_parameters())
 
 
 def test_gradients_reach_the_exposed_layers():
@@ -99,3 +101,89 @@ def test_gradients_reach_the_exposed_layers():
     assert all(getattr(stacked, n).weight.grad is not None for n in "qkv")
     assert mha.out_proj.parametrizations.weight[0].o.weight.grad is not None
     assert mha.parametrizations.in_proj_weight.original.grad is None
+
+
+# ------------------------------------------------------------------------------------------------
+# pruning nn.MultiheadAttention end to end: torchvision's ViT
+# ------------------------------------------------------------------------------------------------
+def _vit() -> nn.Module:
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128,
+                             num_classes=10)
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_vit_at_0_3_prunes_its_attention_and_its_mlp_and_runs_as_before():
+    import dsf_lightning as dsf
+
+    model, x = _vit().eval(), _images(4, 1)
+    shape = model(x).shape
+    report = dsf.prune(model, 0.3, "dsf", calibration=[_images(8, 2), _images(8, 3)], progress=False,
+                       factorization_options={"outer_iters": 2})
+    roles = {n.rpartition(".")[2] for n in (r.name for r in report.layers)}
+    assert {"q", "k", "v", "o", "0", "3"} == roles and len(report.layers) == 2 * 6  # attention + MLP, 2 blocks
+    assert abs(report.nnz / report.dense_numel - 0.3) <= 0.01 * 0.3
+    assert not any("in_proj" in n or "out_proj" in n for n in report.skipped)
+    assert model(x).shape == shape
+    mha = model.encoder.layers[0].self_attention  # code reading the weights directly still works
+    stacked = mha.parametrizations.in_proj_weight[0]
+    want = torch.cat([getattr(stacked, n).dense_weight() for n in "qkv"])
+    assert mha.in_proj_weight.shape == (192, 64) and torch.equal(mha.in_proj_weight, want)
+    assert torch.equal(mha.out_proj.weight, mha.out_proj.parametrizations.weight[0].o.dense_weight())
+    # DSF against magnitude on the attention, layer by layer (the Grams are the layers' own inputs)
+    attention = [r for r in report.layers if r.name.rpartition(".")[2] in "qkvo"]
+    assert all(r.error_vs_magnitude < 1 for r in attention), [(r.name, r.error_vs_magnitude) for r in attention]
+
+
+def _module():
+    import lightning.pytorch as pl
+
+    class ViTModule(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _vit()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    return ViTModule()
+
+
+def _fit(module, callback, epochs: int, root, ckpt_path=None, checkpoint_dir=None):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(4))
+    loader = DataLoader(TensorDataset(_images(16, 5), y), batch_size=8, shuffle=False)
+    extra = [ModelCheckpoint(dirpath=checkpoint_dir, save_last=True)] if checkpoint_dir else []
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=bool(extra), default_root_dir=root,
+                         callbacks=[callback, *extra], deterministic=True)
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    return module
+
+
+@pytest.mark.parametrize("storage", ["masked", "compressed"])
+def test_a_pruned_vit_fine_tunes_with_exact_masks_and_resumes_from_its_checkpoint(tmp_path, storage):
+    from dsf_lightning import DSFPruneCallback
+    from dsf_lightning.persistence.structure import nonzeros_outside_masks, pruned_modules
+
+    kw = dict(density=0.3, method="dsf", storage=storage, progress=False, factorization_options={"outer_iters": 2})
+    full = _fit(_module(), DSFPruneCallback(**kw), 2, tmp_path / "a")
+    assert nonzeros_outside_masks(full) == 0 and len(pruned_modules(full)) == 12
+    _fit(_module(), DSFPruneCallback(**kw), 1, tmp_path / "b", checkpoint_dir=tmp_path / "ckpt")
+    callback = DSFPruneCallback(**kw)
+    resumed = _fit(_module(), callback, 2, tmp_path / "c", ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert callback.resumed and callback.factorization_runs == 0  # the structure came from the checkpoint
+    want, got = full.state_dict(), resumed.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

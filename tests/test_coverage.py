@@ -77,10 +77,14 @@ def test_every_weight_matrix_is_pruned_or_reported_with_a_reason(build):
     assert report.model_density > report.nnz / report.dense_numel  # the dense weights lift it above the target
 
 
-def test_the_attention_weights_of_nn_multihead_attention_are_named_with_why():
-    report = dsf.prune(_torchvision_vit(), 0.3, "magnitude", progress=False)
+def test_attention_left_out_is_put_back_and_named_with_why():
+    model = _torchvision_vit()
+    report = dsf.prune(model, 0.3, "magnitude", exclude=["*self_attention*"], progress=False)
+    attention = model.encoder.layers[0].self_attention
+    assert type(attention) is nn.MultiheadAttention and type(attention.out_proj) is not nn.Linear  # not exposed
     in_proj = [n for n in report.skipped if n.endswith("self_attention.in_proj_weight")]
     assert len(in_proj) == 2 and "read directly by nn.MultiheadAttention" in report.skipped[in_proj[0]]
+    assert "excluded by pattern" in report.skipped["encoder.layers.encoder_layer_0.self_attention.out_proj"]
     assert "encoder.pos_embedding" in report.skipped and "class_token" in report.skipped
 
 
@@ -105,5 +109,5 @@ def test_the_callback_says_how_dense_the_whole_model_stays(caplog):
     line = next(r.getMessage() for r in caplog.records if "DSFPruneCallback: pruned" in r.getMessage())
     report = callback.report
     assert f"density over all weight matrices {report.model_density:.3f}, {len(report.skipped)} left dense" in line
-    assert any(n.endswith("self_attn.in_proj_weight") for n in report.skipped)  # the encoder's attention
+    assert any(n.endswith("self_attn.parametrizations.in_proj_weight.0.q") for n in callback._plan.targets)
     assert report.skipped and all(report.skipped.values())

@@ -93,28 +93,35 @@ class Exposure:
     layers: dict[str, nn.Linear] = field(default_factory=dict)
     _originals: list[tuple[nn.Module, str, nn.Parameter, list[str]]] = field(default_factory=list)
 
-    def keep_only(self, names: Collection[str]) -> None:
-        """Undo the exposures none of whose layers is in ``names`` (what a prune does not target)."""
+    def keep_only(self, names: Collection[str]) -> int:
+        """Undo the exposures none of whose layers is in ``names`` (what a prune does not target); returns
+        how many were undone."""
         kept = []
         for entry in self._originals:
             if any(n in names for n in entry[3]):
                 kept.append(entry)
             else:
                 self._restore(entry)
-        self._originals = kept
+        undone, self._originals = len(self._originals) - len(kept), kept
+        return undone
 
     def undo(self) -> None:
-        """Put back the very parameters there were before (not copies), newest first."""
+        """Put back the very parameters there were before (the same objects, their values from the layers,
+        which must hold them unchanged: dense, as exposed), newest first."""
         while self._originals:
             self._restore(self._originals.pop())
 
     def _restore(self, entry: tuple[nn.Module, str, nn.Parameter, list[str]]) -> None:
         module, weight, original, names = entry
-        parametrize.remove_parametrizations(module, weight, leave_parametrized=False)
-        delattr(module, weight)
-        module.register_parameter(weight, original)
         for n in names:
             self.layers.pop(n, None)
+        if not parametrize.is_parametrized(module, weight):  # folded since: it holds its own weight now
+            return
+        with torch.no_grad():
+            value = getattr(module, weight).detach().clone()  # the layers still hold the exact blocks
+        # parametrize emptied the very parameter object and keeps it as the placeholder: refill it
+        parametrize.remove_parametrizations(module, weight, leave_parametrized=False)
+        original.data = value
 
 
 def expose_attention(model: nn.Module) -> Exposure:

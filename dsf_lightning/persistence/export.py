@@ -53,6 +53,7 @@ from safetensors.torch import save as st_save_bytes
 from torch import Tensor, nn
 
 from dsf_lightning.modules import DSFLinear, SparseLinear
+from dsf_lightning.modules.attention import folded_state_dict
 from dsf_lightning.modules.storage import factor_keys, pack_bits, scatter_values, unpack_bits
 from dsf_lightning.persistence.files import atomic_path
 from dsf_lightning.persistence.structure import (
@@ -113,7 +114,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
         out[p + "weight"] = m.merged_weight().detach().clone()
         if m.bias is not None:
             out[p + "bias"] = m.bias.detach().clone()
-    return out
+    return folded_state_dict(model, out)  # exposed attention weights under their own names
 
 
 # ------------------------------------------------------------------------------------------ packed

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from dsf_lightning.layers import Signature, dense_signature, layer_kind, linear_as_conv1d, signature
 from dsf_lightning.modules import PRUNED_MODULE_TYPES, ConvGeometry, MaskedLayer, is_pruned_module
+from dsf_lightning.modules.attention import Exposure, expose_attention, fold_attention
 from dsf_lightning.persistence.files import read_torch_file, save_torch_file
 
 __all__ = [
@@ -174,15 +175,22 @@ def _plan_entry(modules: Mapping[str, nn.Module], e: Mapping[str, Any]) -> nn.Mo
 def structure_applied(model: nn.Module, spec: Mapping[str, Any]) -> Iterator[nn.Module]:
     """:func:`apply_structure_spec` for the ``with`` block, undone if the block raises (the model then
     holds its original modules again): for loaders that fill the new modules and may find a mismatch."""
-    modules = dict(model.named_modules())
-    # check every entry before replacing anything: a bad spec leaves the model as it was
-    plan = [(e["name"], new) for e in _check_spec(spec) if (new := _plan_entry(modules, e)) is not None]
-    replaced = [(name, replace_module(model, name, new)) for name, new in plan]
+    entries = _check_spec(spec)
+    # pruned attention weights live in layers that exposing nn.MultiheadAttention creates (modules.attention)
+    exposure = expose_attention(model) if any(".parametrizations." in f".{e.get('name')}" for e in entries) \
+        else Exposure()
+    replaced = []
     try:
+        modules = dict(model.named_modules())
+        # check every entry before replacing anything: a bad spec leaves the model as it was
+        plan = [(e["name"], new) for e in entries if (new := _plan_entry(modules, e)) is not None]
+        exposure.keep_only({name for name, _ in plan})
+        replaced = [(name, replace_module(model, name, new)) for name, new in plan]
         yield model
     except BaseException:
         for name, old in reversed(replaced):
             replace_module(model, name, old)
+        exposure.undo()
         raise
 
 
@@ -262,7 +270,9 @@ def to_dense(model: nn.Module, layer_types: Mapping[str, str] | None = None) -> 
     ``layer_types``: ``name -> class name of the dense layer it replaced`` (``PrunePlan.layer_types``): only
     those modules, and one that was an HF ``"Conv1D"`` comes back as a ``Conv1D``. Default: every pruned
     module, as ``nn.Linear`` / ``nn.Conv2d`` (a former ``Conv1D`` as the equivalent ``nn.Linear``). Training
-    and grad flags are kept. Returns ``model`` (or the dense layer when ``model`` itself is a pruned module).
+    and grad flags are kept. Weights of ``nn.MultiheadAttention`` exposed as layers are folded back into plain
+    parameters (:func:`~dsf_lightning.modules.attention.fold_attention`). Returns ``model`` (or the dense
+    layer when ``model`` itself is a pruned module).
     """
     for name, m in pruned_modules(model):
         if layer_types is not None and name not in layer_types:
@@ -273,7 +283,7 @@ def to_dense(model: nn.Module, layer_types: Mapping[str, str] | None = None) -> 
         if not name:  # the model itself is a pruned layer: nothing to put it into
             return dense
         replace_module(model, name, dense)
-    return model
+    return fold_attention(model)  # exposed attention weights: plain parameters again
 
 
 #: the name this function had before (kept for callers of 0.1)

@@ -18,6 +18,7 @@ computed in float32 from the float32-cast input.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
 from typing import Any
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from dsf_lightning.layers import PAD_MODES, explicit_padding, fan_in, grouped, pair
 from dsf_lightning.modules import ConvGeometry, MaskedLayer
+from dsf_lightning.modules.attention import feeding
 
 __all__ = ["GramAccumulator", "InputGramRecorder", "Reduce", "conv2d_patches", "default_forward", "is_conv",
            "move_batch", "no_reduce", "record_grams"]
@@ -248,6 +250,7 @@ class InputGramRecorder:
                 raise ValueError(f"module {name!r} is not a submodule of the given model")
             self.accumulators[name] = GramAccumulator(_layer_fan_in(name, module), device=device, diagonal=diagonal)
         self._handles: list[Any] = []
+        self._feeding = contextlib.ExitStack()
 
     def _hook(self, name: str):
         acc = self.accumulators[name]
@@ -265,6 +268,8 @@ class InputGramRecorder:
         try:
             for name, module in self.modules.items():
                 self._handles.append(module.register_forward_pre_hook(self._hook(name), with_kwargs=True))
+            # exposed attention weights (modules.attention) are never called by their module: feed them
+            self._feeding.enter_context(feeding(self.model, only=self.modules))
         except BaseException:
             self.remove()
             raise
@@ -277,6 +282,7 @@ class InputGramRecorder:
         """Remove all hooks (idempotent)."""
         while self._handles:
             self._handles.pop().remove()
+        self._feeding.close()
 
     @property
     def grams(self) -> dict[str, Tensor]:

@@ -139,7 +139,7 @@ def run_prune(model: nn.Module, plan: PrunePlan, *, calibration: Iterable | None
     batches = None if calibration is None else islice(calibration, cfg.calibration_batches)
     device = next(model.parameters()).device
     start = time.perf_counter()
-    with seeded(cfg.seed, device), all_or_nothing(model) as undo:
+    with seeded(cfg.seed, device), all_or_nothing(model, exposure=plan.exposure) as undo:
         if cfg.sequential:
             report = run_blocks(model, plan, batches, forward=forward, executor=executor, reduce=reduce, undo=undo,
                                 progress=progress)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from dsf_lightning.factorization import nnz_budget
 from dsf_lightning.modules import MaskedLayer, pruned_module
+from dsf_lightning.modules.attention import Exposure
 from dsf_lightning.persistence.structure import PRUNE_INFO_ATTR, replace_module
 from dsf_lightning.pipeline.jobs import LayerResult
 from dsf_lightning.pipeline.plan import PrunePlan, target_matrix
@@ -78,15 +79,18 @@ class Undo:
 
 
 @contextlib.contextmanager
-def all_or_nothing(model: nn.Module, store: torch.device | str = "cpu") -> Iterator[Undo]:
+def all_or_nothing(model: nn.Module, store: torch.device | str = "cpu", exposure: Exposure | None = None
+                   ) -> Iterator[Undo]:
     """The prune inside the block changes ``model`` completely or not at all: on any exception
-    (``KeyboardInterrupt`` too) the layers :func:`install` changed are put back (:class:`Undo`), and the
-    exception leaves with a note saying so."""
+    (``KeyboardInterrupt`` too) the layers :func:`install` changed are put back (:class:`Undo`), then the
+    attention weights the plan exposed (``exposure``), and the exception leaves with a note saying so."""
     undo = Undo(store)
     try:
         yield undo
     except BaseException as e:
         n = undo.restore(model)
+        if exposure is not None:
+            exposure.undo()
         e.add_note(f"dsf-lightning: the prune did not finish ({type(e).__name__}); the model is unchanged "
                    f"({n} layer(s) put back as they were before the prune)")
         raise

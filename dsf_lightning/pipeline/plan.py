@@ -21,6 +21,7 @@ from dsf_lightning.config import PruneConfig
 from dsf_lightning.factorization import get_method, nnz_budget
 from dsf_lightning.layers import SUPPORTED, layer_kind, weight_matrix
 from dsf_lightning.modules import is_pruned_module
+from dsf_lightning.modules.attention import Exposure, expose_attention
 from dsf_lightning.pipeline.allocation import allocate, budget_bounds, layer_scores
 from dsf_lightning.pipeline.jobs import LayerJob
 from dsf_lightning.pipeline.report import PruneReport
@@ -47,6 +48,9 @@ class PrunePlan:
     #: ``(nonzeros, dense elements)`` of every weight of 2+ dims outside the targets (pruned ones count
     #: their nonzeros), for the model-level density
     outside: tuple[int, int] = (0, 0)
+    #: the attention weights this plan exposed as layers (:mod:`~dsf_lightning.modules.attention`), to undo
+    #: when the prune does not finish
+    exposure: Exposure = field(default_factory=Exposure)
 
     def new_report(self) -> PruneReport:
         """The empty report of this plan's prune: what is skipped and what lies outside the targets."""
@@ -78,7 +82,23 @@ def plan_prune(model: nn.Module, config: PruneConfig, *, with_calibration: bool 
 
     ``with_calibration``: whether Grams will be given (default: ``config.calibrated``); a method
     that needs them raises otherwise. Raises ``ValueError`` naming the layer.
+
+    The one change it makes computes what the model computed: the weights ``nn.MultiheadAttention`` reads
+    directly become layers first (:func:`~dsf_lightning.modules.attention.expose_attention`), so they can be
+    targets; the exposures no target is in are undone at once, and all of them when a check fails.
     """
+    exposure = expose_attention(model)
+    try:
+        plan = _plan(model, config, with_calibration)
+    except BaseException:
+        exposure.undo()
+        raise
+    if exposure.keep_only(plan.targets):  # weights put back: plan again, for their reasons in ``skipped``
+        plan = _plan(model, config, with_calibration)
+    return dataclasses.replace(plan, exposure=exposure)
+
+
+def _plan(model: nn.Module, config: PruneConfig, with_calibration: bool | None) -> PrunePlan:
     method = get_method(config.method)
     calibrated = config.calibrated if with_calibration is None else with_calibration
     if method.needs_gram and not calibrated:

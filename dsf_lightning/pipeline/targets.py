@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from dsf_lightning.layers import SUPPORTED, grouped, layer_kind, raw_weight_reason
 from dsf_lightning.modules import ConvGeometry, DSFLinear, SparseLinear, is_pruned_module
@@ -213,8 +214,10 @@ def find_targets(
         elif layer_kind(m) == "conv2d" and grouped(m):
             skipped[n] = grouped(m)
         elif isinstance(parent, nn.MultiheadAttention):
-            # MultiheadAttention reads out_proj.weight directly instead of calling the module.
-            skipped[n] = "inside nn.MultiheadAttention, which reads the weight without calling the layer"
+            # MultiheadAttention reads out_proj.weight directly instead of calling the module; once exposed
+            # (modules.attention), the weight is its child layer's, a target of its own
+            if not parametrize.is_parametrized(m, "weight"):
+                skipped[n] = "inside nn.MultiheadAttention, which reads the weight without calling the layer"
         else:
             targets[n] = m
     if pruned:
