@@ -18,6 +18,8 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 __all__ = [
+    "ATTENTION_INPUTS",
+    "ATTENTION_WEIGHTS",
     "SUPPORTED",
     "LayerKind",
     "dense_signature",
@@ -36,6 +38,13 @@ __all__ = [
 LayerKind = Literal["linear", "conv1d", "conv2d"]
 #: What :func:`layer_kind` accepts, for messages.
 SUPPORTED = "nn.Linear, nn.Conv2d (groups=1), transformers Conv1D"
+#: The weights ``nn.MultiheadAttention``'s forward reads as tensors (never calling a layer), each as row blocks
+#: of one layer per name: ``in_proj_weight`` stacks the query, key and value projections.
+ATTENTION_WEIGHTS: dict[str, tuple[str, ...]] = {"in_proj_weight": ("q", "k", "v"), "q_proj_weight": ("q",),
+                                                 "k_proj_weight": ("k",), "v_proj_weight": ("v",)}
+#: What each of those layers multiplies: an argument of ``nn.MultiheadAttention.forward``, or for ``o``
+#: (``out_proj.weight``) the attention output before it.
+ATTENTION_INPUTS: dict[str, str] = {"q": "query", "k": "key", "v": "value", "o": "attention"}
 #: ``padding_mode`` of ``nn.Conv2d`` -> ``F.pad`` mode.
 PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 

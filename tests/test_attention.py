@@ -187,3 +187,44 @@ def test_a_pruned_vit_fine_tunes_with_exact_masks_and_resumes_from_its_checkpoin
     assert callback.resumed and callback.factorization_runs == 0  # the structure came from the checkpoint
     want, got = full.state_dict(), resumed.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_pruned_vit_saves_loads_packs_and_merges_into_a_fresh_plain_one(tmp_path):
+    import dsf_lightning as dsf
+    from dsf_lightning.persistence.export import load_packed, merged_state_dict, save_packed
+    from dsf_lightning.persistence.structure import load_pruned, save_pruned, to_dense
+
+    model, x = _vit().eval(), _images(4, 1)
+    dsf.prune(model, 0.3, "dsf", calibration=[_images(8, 2)], progress=False,
+              factorization_options={"outer_iters": 2})
+    with torch.no_grad():
+        want = model(x)
+    save_pruned(model, tmp_path / "pruned.pt")  # the spec names the exposed layers: a fresh model exposes them
+    loaded = load_pruned(_vit().eval(), tmp_path / "pruned.pt")
+    save_packed(model, tmp_path / "packed.safetensors", dtype=None)
+    packed = load_packed(_vit().eval(), tmp_path / "packed.safetensors")
+    plain = _vit().eval()
+    plain.load_state_dict(merged_state_dict(model), strict=True)  # in_proj_weight under its own key
+    with torch.no_grad():
+        assert torch.equal(loaded(x), want) and torch.equal(packed(x), want)
+        assert_rel_close(plain(x), want, depth=2 * 4 + 2)  # the products, formed once more
+    to_dense(model)  # plain modules again, their weights the products
+    mha = model.encoder.layers[0].self_attention
+    assert type(mha) is nn.MultiheadAttention and sorted(dict(mha.named_parameters())) == [
+        "in_proj_bias", "in_proj_weight", "out_proj.bias", "out_proj.weight"]
+    with torch.no_grad():
+        assert_rel_close(model(x), want, depth=2 * 4 + 2)
+
+
+def test_attention_with_other_key_and_value_dims_is_pruned_from_its_own_inputs():
+    import dsf_lightning as dsf
+
+    model = nn.Sequential(_mha(kdim=12))
+    batches = [_qkv(12), tuple(t + 1 for t in _qkv(12))]
+    report = dsf.prune(model, 0.5, "dsf", calibration=batches, forward=lambda m, b: m[0](*b), progress=False,
+                       factorization_options={"outer_iters": 2})
+    shapes = {r.name.rpartition(".")[2]: r.shape for r in report.layers}
+    assert shapes == {"q": (16, 16), "k": (16, 12), "v": (16, 12), "o": (16, 16)}
+    assert report.calibration_tokens and set(report.calibration_tokens.values()) == {2 * 2 * 5, 2 * 2 * 7}
+    q, k, v = _qkv(12)
+    assert model[0](q, k, v)[0].shape == q.shape

@@ -32,14 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from dsf_lightning.layers import ATTENTION_INPUTS, ATTENTION_WEIGHTS
+
 __all__ = ["Exposure", "StackedWeight", "expose_attention", "exposed_layers", "feeding", "fold_attention",
            "folded_state_dict"]
 
-#: the weights of ``nn.MultiheadAttention`` its forward reads directly, and their row blocks
-_PROJECTIONS = {"in_proj_weight": ("q", "k", "v"), "q_proj_weight": ("q",), "k_proj_weight": ("k",),
-                "v_proj_weight": ("v",)}
-#: what each exposed layer multiplies: an argument of ``nn.MultiheadAttention.forward``, or the attention
-_INPUT = {"q": "query", "k": "key", "v": "value", "o": "attention"}
 
 
 def _weight_of(layer: nn.Module) -> Tensor:
@@ -82,7 +79,7 @@ class StackedWeight(nn.Module):
 
 def _owners(mha: nn.MultiheadAttention) -> list[tuple[nn.Module, str, tuple[str, ...]]]:
     """``(module, weight name, child names)`` of every weight ``mha``'s forward reads directly."""
-    found = [(mha, w, names) for w, names in _PROJECTIONS.items() if getattr(mha, w, None) is not None]
+    found = [(mha, w, names) for w, names in ATTENTION_WEIGHTS.items() if getattr(mha, w, None) is not None]
     return [*found, (mha.out_proj, "weight", ("o",))]
 
 
@@ -158,7 +155,7 @@ def exposed_layers(model: nn.Module) -> dict[str, tuple[nn.MultiheadAttention, s
             if parametrize.is_parametrized(module, weight):
                 owner = f"{mha_name}.out_proj" if module is not mha else mha_name
                 prefix = f"{owner}." if owner else ""
-                out.update({f"{prefix}parametrizations.{weight}.0.{n}": (mha, _INPUT[n]) for n in names})
+                out.update({f"{prefix}parametrizations.{weight}.0.{n}": (mha, ATTENTION_INPUTS[n]) for n in names})
     return out
 
 

@@ -104,8 +104,9 @@ def _family_rule(model: nn.Module, layers: list[tuple[str, nn.Module]], family: 
     selected = []
     if family == "vision":
         first_conv = next((n for n, m in layers if isinstance(m, (nn.Conv2d, ConvGeometry))), None)
-        head = next((n for n, m in reversed(layers)
-                     if layer_kind(m) in ("linear", "conv1d") or isinstance(m, (DSFLinear, SparseLinear))), None)
+        head = next((n for n, m in reversed(layers)  # an attention weight's layer is no head (modules.attention)
+                     if (layer_kind(m) in ("linear", "conv1d") or isinstance(m, (DSFLinear, SparseLinear)))
+                     and ".parametrizations." not in f".{n}"), None)
         for n, m in layers:
             if n == first_conv:
                 skipped[n] = "first conv (kept dense: vision family default)"
