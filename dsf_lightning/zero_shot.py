@@ -13,7 +13,8 @@ example over local JSONL files (:func:`~dsf_lightning.data.tasks.write_local_tas
 read their datasets from the Hugging Face hub; with the hub offline (``HF_HUB_OFFLINE`` or
 ``HF_DATASETS_OFFLINE``) :func:`check_tasks` refuses them, naming the task and how to give local data.
 Standard errors of means are lm-eval's analytic ones; of other aggregations (perplexity), a 1,000-sample
-bootstrap.
+bootstrap. Under ``torch.distributed`` each process that calls :func:`zero_shot` scores every document
+itself (the recipe: every rank, the same numbers; no rank waits on another through a collective).
 """
 
 from __future__ import annotations
@@ -142,13 +143,21 @@ def zero_shot(model: nn.Module, tokenizer: Any, tasks: Sequence[str], *,
     device = next(model.parameters()).device
     training = model.training
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+    # lm-eval returns results only where LOCAL_RANK is 0 (one process writing files); an evaluation here is
+    # complete in each process that runs it, so each process is its own rank 0 for the call
+    local_rank = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = "0"
     try:
         with torch.no_grad():
             out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
                                           task_manager=_task_manager(include_path), log_samples=False,
-                                          bootstrap_iters=BOOTSTRAP_ITERS, verbosity="ERROR")
+                                          bootstrap_iters=BOOTSTRAP_ITERS)
     finally:
         model.train(training)
+        if local_rank is None:
+            del os.environ["LOCAL_RANK"]
+        else:
+            os.environ["LOCAL_RANK"] = local_rank
     return {"results": {t: _metrics(out["results"][t]) for t in names},
             "versions": {t: out["versions"].get(t) for t in names},
             "n_shot": {t: out["n-shot"].get(t) for t in names},

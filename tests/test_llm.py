@@ -351,12 +351,40 @@ def test_merged_export_has_exact_zeros_and_no_finetuning_means_post_equals_pre(t
     assert "dense" not in skipped and skipped["pre_finetune"]["other"] == result["perplexity"]["pre_finetune"]["other"]
 
 
-def test_recipe_ddp_two_processes(tiny_dir, texts, tmp_path):
+def test_recipe_scores_local_zero_shot_tasks_at_every_stage(tiny_dir, tmp_path, monkeypatch, wiki_texts):
+    """--eval-tasks over local task YAMLs: lm-eval at dense / pruned / fine-tuned, in results.json with the
+    versions in the protocol record, and in the W&B summary."""
+    from dsf_lightning.data.tasks import write_local_tasks
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    names = write_local_tasks(tmp_path / "tasks", wiki_texts[-6:], n=4)
+    out = tmp_path / "out"
+    assert llama_main(_args(tiny_dir, out, "--finetune-steps", "2", "--batch-size", "2", "--wandb", "offline",
+                            "--wandb-dir", str(tmp_path), "--eval-tasks", names[0], "--eval-tasks", names[1],
+                            "--eval-tasks-path", str(tmp_path / "tasks"), "--eval-tasks-limit", "4",
+                            "--no-save-packed", "--no-save-merged")) == 0
+    result = json.load(open(out / "results.json"))
+    zs = result["zero_shot"]
+    assert set(zs) == {"dense", "pre_finetune", "post_finetune"} and all(set(v) == set(names) for v in zs.values())
+    assert all(zs[s][names[0]]["samples"] == 4 and 0 <= zs[s][names[0]]["acc"] <= 1 for s in zs)
+    assert zs["dense"][names[1]]["perplexity"] != zs["pre_finetune"][names[1]]["perplexity"]  # the prune shows
+    proto = result["protocol"]["zero_shot"]
+    assert proto["versions"] == {n: 1.0 for n in names} and proto["lm_eval"].startswith("0.4.") and proto["limit"] == 4
+    summary = wandb_records(tmp_path)["summary"]
+    assert summary[f"post_finetune/zs/{names[0]}/acc"] == zs["post_finetune"][names[0]]["acc"]
+
+
+def test_recipe_ddp_two_processes(tiny_dir, texts, tmp_path, wiki_texts):
     """2 gloo processes: pruning shared (Grams all-reduced, layers split), sharded evaluation, a DDP fine-tune;
-    the dense perplexity equals the single-process run's."""
+    the dense perplexity and zero-shot scores equal the single-process run's (every rank scores every
+    zero-shot document: the same numbers, no rank waiting on another)."""
+    from dsf_lightning.data.tasks import write_local_tasks
+
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
+    tasks = write_local_tasks(tmp_path / "tasks", wiki_texts[-6:], n=3)
     common = ["--calibration-text", texts["calib"], "--eval-text", texts["heldout"], "--finetune-steps", "3",
-              "--batch-size", "2", "--wandb", "off"]
+              "--batch-size", "2", "--wandb", "off", "--eval-tasks", tasks[0], "--eval-tasks-path",
+              str(tmp_path / "tasks"), "--eval-tasks-limit", "3"]
     proc = subprocess.run([sys.executable, os.path.abspath(__file__),
                            *_args(tiny_dir, tmp_path / "ddp", "--devices", "2", *common)],
                           env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
@@ -375,6 +403,8 @@ def test_recipe_ddp_two_processes(tiny_dir, texts, tmp_path):
     assert ddp["perplexity"]["pre_finetune"]["heldout"] == pytest.approx(one["perplexity"]["pre_finetune"]["heldout"],
                                                                          rel=1e-3)
     assert {row["owner_rank"] for row in ddp["layers"]} == {0, 1}  # the layers were split across the ranks
+    assert set(ddp["zero_shot"]) == {"dense", "pre_finetune", "post_finetune"}
+    assert ddp["zero_shot"]["dense"] == one["zero_shot"]["dense"]  # the same model, documents and batches
     assert (tmp_path / "ddp" / "merged" / "config.json").is_file()
 
 
@@ -465,6 +495,10 @@ def test_bad_input(tiny_dir, texts, tmp_path, monkeypatch, no_work, capsys):
     assert "data: eval_samples must be an int >= 1 or None, got 0 (see --eval-samples)" in e
     e = err("--model", str(tmp_path))
     assert "is a folder without config.json" in e
+    e = err("--model", tiny_dir, "--eval-tasks", "wanda")  # hub tasks while offline: before the model loads
+    assert "zero-shot task 'boolq' reads" in e and "--eval-tasks-path DIR" in e
+    e = err("--model", tiny_dir, "--eval-tasks", "wiki_clozee", "--eval-tasks-path", str(tmp_path))
+    assert "'wiki_clozee' is not an lm-eval task" in e
     e = err("--model", tiny_dir, "--strategy", "fsdp")  # one process: nothing to shard across
     assert "--strategy fsdp shards the model across processes, and this run has one" in e
     with pytest.raises(SystemExit) as exit_:

@@ -19,7 +19,7 @@ from dsf_lightning.recipes.cli import Config, ConfigParser, flag, group
 from dsf_lightning.recipes.sections import LoggingConfig, RunConfig, at_least, shared_flags
 
 __all__ = ["FSDP_ONE_PROCESS", "STRATEGIES", "ExportConfig", "LLMFinetuneConfig", "LLMModelConfig", "LlamaRecipeConfig",
-           "TextDataConfig", "llama_parser"]
+           "TextDataConfig", "ZeroShotConfig", "llama_parser"]
 
 #: Lightning strategies the LLM recipe runs under (``None`` in the config: ``ddp`` on several devices).
 STRATEGIES: tuple[str, ...] = ("ddp", "auto", "fsdp")
@@ -156,6 +156,33 @@ class ExportConfig:
     merged: bool = True
 
 
+@dataclass(frozen=True)
+class ZeroShotConfig:
+    """Zero-shot accuracy with lm-eval at every stage (:mod:`dsf_lightning.zero_shot`); none by default.
+
+    Args:
+        tasks: lm-eval task names or presets (``wanda``: the seven tasks Wanda reports).
+        tasks_path: a folder of task YAMLs of your own (lm-eval's ``include_path``): local data, no hub.
+        limit: at most this many documents per task (``None``: all).
+        fewshot: examples per prompt (``None``: each task's default, usually 0).
+        batch_size: requests per forward pass.
+    """
+
+    tasks: tuple[str, ...] = ()
+    tasks_path: str | None = None
+    limit: int | None = None
+    fewshot: int | None = None
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        at_least(self, "limit", 1, allow_none=True)
+        at_least(self, "fewshot", 0, allow_none=True)
+        at_least(self, "batch_size", 1)
+        if self.tasks_path is not None and not self.tasks:
+            raise ValueError("tasks_path (--eval-tasks-path) is given but no task (--eval-tasks NAME)")
+
+
 def _llm_prune() -> PruneConfig:
     return PruneConfig(density=0.5, family="llm", sequential=True, calibration_batches=None)
 
@@ -171,6 +198,7 @@ class LlamaRecipeConfig(Config):
     run: RunConfig = field(default_factory=lambda: RunConfig(num_workers=0))
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
 
 DESCRIPTION = f"""\
@@ -274,6 +302,18 @@ def llama_parser() -> ConfigParser[LlamaRecipeConfig]:
                       "'16-mixed' on other GPUs, else '32-true' (perplexity runs in --dtype)"),
             shared["--num-workers"], shared["--seed"], shared["--output-dir"], shared["--wandb"],
             shared["--wandb-project"], shared["--wandb-group"], shared["--wandb-dir"], shared["--progress-bar"],
+        ),
+        *group(
+            "zero-shot accuracy (lm-eval, the [eval] extra) at every stage",
+            flag("--eval-tasks", to="zero_shot.tasks", action="append", metavar="NAME",
+                 help="lm-eval task or preset (repeatable): 'wanda' = boolq rte hellaswag winogrande arc_easy "
+                      "arc_challenge openbookqa (from the hub); default: none"),
+            flag("--eval-tasks-path", to="zero_shot.tasks_path", metavar="DIR",
+                 help="folder of your own task YAMLs (local data: the way to run offline)"),
+            flag("--eval-tasks-limit", to="zero_shot.limit", type=int, help="at most N documents per task"),
+            flag("--eval-tasks-fewshot", to="zero_shot.fewshot", type=int,
+                 help="examples per prompt; default: each task's own (usually 0)"),
+            flag("--eval-tasks-batch-size", to="zero_shot.batch_size", type=int, help="requests per forward"),
         ),
         *group(
             "export",

@@ -16,6 +16,9 @@ rank then runs :func:`execute_llama`:
    exists, so Lightning launches nothing) + :class:`~dsf_lightning.models.CausalLM`; ``post_finetune``;
 4. rank zero: ``packed/`` and ``merged/`` exports, ``results.json``, the summary.
 
+With ``--eval-tasks``, zero-shot accuracy (:mod:`dsf_lightning.zero_shot`, lm-eval) follows each perplexity
+evaluation: every rank scores every document (the same numbers, no rank waiting on another).
+
 ``--strategy fsdp``: steps 1-2 as above (the prune runs on whole modules, before any wrapping), then the
 fine-tuning ``Trainer`` takes Lightning's ``ModelParallelStrategy`` and ``CausalLM`` shards the pruned model
 by decoder block (FSDP2; :mod:`~dsf_lightning.models.sharding`); ``post_finetune`` scores the sharded model
@@ -86,6 +89,7 @@ from dsf_lightning.recipes.common import (
 from dsf_lightning.recipes.llm.config import FSDP_ONE_PROCESS, STRATEGIES, LlamaRecipeConfig, llama_parser
 from dsf_lightning.recipes.sections import RunConfig
 from dsf_lightning.runs.records import run_name
+from dsf_lightning.zero_shot import check_tasks, zero_shot
 
 __all__ = ["LlamaPrepared", "execute_llama", "export_pruned", "launch", "llama_main", "prepare_llama",
            "protocol_record", "run_llama", "versions"]
@@ -200,6 +204,15 @@ def _evaluate(prepared: LlamaPrepared, model: nn.Module, device: torch.device, p
                           desc=f"perplexity {n}").perplexity for n, w in prepared.evals.items()}
 
 
+def _zero_shot(prepared: LlamaPrepared, model: nn.Module, scores: dict[str, Any], stage: str) -> None:
+    """Zero-shot accuracy of ``model`` at ``stage`` into ``scores`` (nothing without ``--eval-tasks``). Every
+    rank scores every document (the same numbers, no collective to time out while one rank evaluates)."""
+    zs = prepared.config.zero_shot
+    if zs.tasks:
+        scores[stage] = zero_shot(model, prepared.tokenizer, zs.tasks, include_path=zs.tasks_path, limit=zs.limit,
+                                  num_fewshot=zs.fewshot, batch_size=zs.batch_size)
+
+
 def _log(logger: Any, metrics: dict[str, float], step: int) -> None:
     if logger is not None:
         logger.log_metrics(metrics, step=step)
@@ -304,9 +317,11 @@ def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
     model = prepared.model.to(device)
     ppl: dict[str, dict[str, float]] = {}
     try:
+        zs: dict[str, Any] = {}
         if config.data.eval_dense:
             ppl["dense"] = _evaluate(prepared, model, device, progress)
             _log(logger, {f"dense/ppl/{n}": v for n, v in ppl["dense"].items()}, 0)
+            _zero_shot(prepared, model, zs, "dense")
         start = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -316,14 +331,18 @@ def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
         _log_report(logger, report)
         ppl["pre_finetune"] = _evaluate(prepared, model, device, progress)
         _log(logger, {f"pre_finetune/ppl/{n}": v for n, v in ppl["pre_finetune"].items()}, 0)
+        _zero_shot(prepared, model, zs, "pre_finetune")
         steps, finetune_memory = 0, {"storage": model_storage(model)}
         if ft.steps > 0:
             start = time.perf_counter()
             steps, finetune_memory = _finetune(prepared, model, logger, progress)
             seconds["finetune_seconds"] = time.perf_counter() - start
             ppl["post_finetune"] = _evaluate(prepared, model, device, progress)
+            _zero_shot(prepared, model, zs, "post_finetune")
         else:  # no fine-tuning: the model after zero steps is the pruned one
             ppl["post_finetune"] = dict(ppl["pre_finetune"])
+            if "pre_finetune" in zs:
+                zs["post_finetune"] = zs["pre_finetune"]
         _log(logger, {f"post_finetune/ppl/{n}": v for n, v in ppl["post_finetune"].items()}, steps)
         # fsdp: the whole model on rank 0 (a collective) for the mask count and the exports; None elsewhere
         whole = gathered(model) if is_fully_sharded(model) else model
@@ -331,7 +350,10 @@ def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
         if whole is not model:
             torch.distributed.broadcast_object_list(count, src=0)
         outside = count[0]
+        zero = {stage: res["results"] for stage, res in zs.items()}
         wandb_summary(logger, {**{f"{stage}/ppl/{n}": v for stage, vals in ppl.items() for n, v in vals.items()},
+                               **{f"{stage}/zs/{task}/{metric}": v for stage, tasks in zero.items()
+                                  for task, metrics in tasks.items() for metric, v in metrics.items()},
                                **seconds, "nnz": report.nnz, "dense_numel": report.dense_numel,
                                "nonzeros_outside_masks": outside, "finetune_memory": finetune_memory})
         result: dict[str, Any] = {"identity": who, "version": __version__, "perplexity": ppl, **seconds,
@@ -340,6 +362,10 @@ def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
                                   "nonzeros_outside_masks": outside,
                                   "protocol": prepared.protocol, "prune": report.totals(), "layers": report.to_rows(),
                                   "config": config.to_dict()}
+        if zs:  # the scores by stage; lm-eval's version and the task versions in the protocol record
+            first = next(iter(zs.values()))
+            result["zero_shot"], result["protocol"] = zero, {**prepared.protocol, "zero_shot": {
+                "tasks": list(first["results"]), **{k: first[k] for k in ("lm_eval", "versions", "n_shot", "limit")}}}
         if rank == 0:
             result["exports"] = export_pruned(whole, prepared.tokenizer, out, config.export.packed,
                                               config.export.merged)
@@ -364,6 +390,11 @@ def prepare_llama(config: LlamaRecipeConfig) -> LlamaPrepared:
         raise ValueError(f"--strategy {run.strategy!r} is not supported by the LLM recipe; use one of {STRATEGIES}")
     if run.strategy == "fsdp" and run.devices == 1 and run.num_nodes == 1:
         raise ValueError(FSDP_ONE_PROCESS)
+    if config.zero_shot.tasks:  # names known, data reachable (local, or the hub online): before any work
+        try:
+            check_tasks(config.zero_shot.tasks, config.zero_shot.tasks_path)
+        except ImportError as e:
+            raise ValueError(f"--eval-tasks: {e}") from e
     if run.fast_dev_run or run.limit_batches is not None:
         raise ValueError("run.fast_dev_run and run.limit_batches are not used by the LLM recipe: quick runs use "
                          "--finetune-steps, --calibration-samples, --eval-samples and --seq-len")
