@@ -42,6 +42,24 @@ def test_groups_means_and_missing_stages(tmp_path, capsys):
     assert (tmp_path / "plots" / "smollm2-ppl_wiki.png").stat().st_size > 0
 
 
+def test_zero_shot_scores_are_a_column_per_task_and_their_mean(tmp_path, capsys):
+    from dsf_lightning.runs.compare import default_metrics, verdict
+
+    for method, acc, ppl in (("dsf", (0.5, 0.3), 40.0), ("magnitude", (0.25, 0.1), 90.0)):
+        _results(tmp_path / method, "smollm2", method, 0.5, 0, perplexity={"post_finetune": {"wiki": 20.0}})
+        body = json.loads((tmp_path / method / "results.json").read_text())
+        body["zero_shot"] = {"post_finetune": {
+            "wiki_next_sentence": {"acc": acc[0], "acc_stderr": 0.1, "acc_norm": acc[0], "samples": 4},
+            "wiki_cloze": {"acc": acc[1], "acc_stderr": 0.1, "perplexity": ppl, "samples": 4}}}
+        (tmp_path / method / "results.json").write_text(json.dumps(body))
+    records = find_runs([tmp_path])
+    assert default_metrics(records) == ["ppl/wiki", "zs/wiki_cloze/acc", "zs/wiki_next_sentence/acc", "zs/mean/acc"]
+    assert "| smollm2 | dsf | 0.5 | uniform | 40.00 +- 0.00 (1) |" in markdown_table(records, "zs/mean/acc")
+    assert "dsf leads magnitude at 0.5 (+22.50" in verdict(records, "zs/mean/acc")
+    assert "dsf leads magnitude at 0.5 (-50.00" in verdict(records, "zs/wiki_cloze/perplexity")  # lower is better
+    assert main([str(tmp_path)]) == 0 and "zs/mean/acc" in capsys.readouterr().out
+
+
 def test_no_runs_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("nothing here")
     assert main([str(tmp_path)]) == 2

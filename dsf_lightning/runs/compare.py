@@ -30,9 +30,12 @@ STAGE_TITLES = {"dense": "dense", "pre_finetune": "before FT", "bn_recalibrated"
 
 
 def default_metrics(records: Sequence[RunRecord]) -> list[str]:
-    """``val_acc`` where the runs have it, and every perplexity (``ppl/<eval text>``) they have."""
+    """``val_acc`` where the runs have it, every perplexity (``ppl/<eval text>``) they have, and their zero-shot
+    accuracy per task (``zs/<task>/acc``) and over the tasks (``zs/mean/acc``)."""
     names = {m for r in records for stage in r.metrics.values() for m in stage}
-    return (["val_acc"] if "val_acc" in names else []) + sorted(m for m in names if m.startswith("ppl/"))
+    zero_shot = sorted(m for m in names if m.startswith("zs/") and m.endswith("/acc") and m != "zs/mean/acc")
+    return ((["val_acc"] if "val_acc" in names else []) + sorted(m for m in names if m.startswith("ppl/"))
+            + zero_shot + (["zs/mean/acc"] if "zs/mean/acc" in names else []))
 
 
 def group(records: Sequence[RunRecord]) -> dict[tuple[str, str, float, str], list[RunRecord]]:
@@ -80,7 +83,7 @@ def verdict(records: Sequence[RunRecord], metric: str = "val_acc", method: str =
     for r in records:
         if metric in r.metrics.get("post_finetune", {}):
             by.setdefault((r.method, r.density), []).append(r.metrics["post_finetune"][metric] * scale)
-    sign = -1.0 if metric.startswith("ppl") else 1.0  # perplexity: lower is better
+    sign = -1.0 if metric.startswith("ppl") or metric.endswith("perplexity") else 1.0  # lower is better
     words: dict[str, list[str]] = {"leads": [], "ties": [], "trails": []}
     for density in sorted({d for m, d in by if m == method and (baseline, d) in by}):
         a, b = by[(method, density)], by[(baseline, density)]

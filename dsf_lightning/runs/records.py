@@ -7,7 +7,8 @@ its metrics by stage (``dense``, ``pre_finetune``, ``bn_recalibrated``, ``post_f
 * ``results.json`` of the recipes: the ``identity`` header (:func:`run_identity`, written by every recipe)
   names the run;
   vision recipes keep their metrics as ``{"metrics": {"<stage>/<name>": value}}``, the LLM recipe as
-  ``{"perplexity": {"<stage>": {"<eval text>": value}}}``.
+  ``{"perplexity": {"<stage>": {"<eval text>": value}}}`` and, with zero-shot tasks, ``{"zero_shot":
+  {"<stage>": {"<task>": {"acc": ...}}}}`` (as ``zs/<task>/<metric>`` and ``zs/mean/acc``).
 * Lightning CSV logs (``metrics.csv`` beside ``hparams.yaml``) of any ``Trainer`` with
   ``DSFPruneCallback``: the callback logs its config and the module's class as the ``dsf``
   hyperparameters.
@@ -95,7 +96,21 @@ def read_results_json(path: Path) -> RunRecord:
     for stage, values in (data.get("perplexity") or {}).items():
         if stage in STAGES and isinstance(values, dict):
             metrics.setdefault(stage, {}).update({f"ppl/{n}": float(v) for n, v in values.items()})
+    for stage, tasks in (data.get("zero_shot") or {}).items():
+        if stage in STAGES and isinstance(tasks, dict):
+            metrics.setdefault(stage, {}).update(zero_shot_metrics(tasks))
     return _record(identity, metrics, path)
+
+
+def zero_shot_metrics(tasks: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``zs/<task>/<metric>`` of one stage's zero-shot scores (``acc``, ``acc_norm``, ``perplexity``; not the
+    standard errors), and ``zs/mean/acc``: the mean accuracy over the tasks that have one."""
+    out = {f"zs/{t}/{m}": float(v) for t, ms in tasks.items() for m, v in ms.items()
+           if m in ("acc", "acc_norm", "perplexity")}
+    accs = [ms["acc"] for ms in tasks.values() if "acc" in ms]
+    if accs:
+        out["zs/mean/acc"] = sum(accs) / len(accs)
+    return out
 
 
 def _record(identity: dict[str, Any], metrics: dict[str, dict[str, float]], source: Path) -> RunRecord:
