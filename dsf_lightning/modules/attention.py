@@ -83,6 +83,12 @@ def _owners(mha: nn.MultiheadAttention) -> list[tuple[nn.Module, str, tuple[str,
     return [*found, (mha.out_proj, "weight", ("o",))]
 
 
+def _layer_name(mha_name: str, in_out_proj: bool, weight: str, layer: str) -> str:
+    """The module name of an exposed layer: ``<mha>[.out_proj].parametrizations.<weight>.0.<layer>``."""
+    owner = f"{mha_name}.out_proj" if in_out_proj else mha_name
+    return f"{owner}.parametrizations.{weight}.0.{layer}" if owner else f"parametrizations.{weight}.0.{layer}"
+
+
 @dataclass
 class Exposure:
     """What :func:`expose_attention` changed: the new layers by name, and the parameters they stand for."""
@@ -136,9 +142,7 @@ def expose_attention(model: nn.Module) -> Exposure:
             stacked = StackedWeight(original, names)
             parametrize.register_parametrization(module, weight, stacked, unsafe=True)
             module.parametrizations[weight].original.requires_grad_(False)  # the empty placeholder
-            owner = f"{mha_name}.out_proj" if module is not mha else mha_name
-            prefix = f"{owner}." if owner else ""
-            new = {f"{prefix}parametrizations.{weight}.0.{n}": getattr(stacked, n) for n in names}
+            new = {_layer_name(mha_name, module is not mha, weight, n): getattr(stacked, n) for n in names}
             exposure.layers.update(new)
             exposure._originals.append((module, weight, original, list(new)))
     return exposure
@@ -153,9 +157,8 @@ def exposed_layers(model: nn.Module) -> dict[str, tuple[nn.MultiheadAttention, s
             continue
         for module, weight, names in _owners(mha):
             if parametrize.is_parametrized(module, weight):
-                owner = f"{mha_name}.out_proj" if module is not mha else mha_name
-                prefix = f"{owner}." if owner else ""
-                out.update({f"{prefix}parametrizations.{weight}.0.{n}": (mha, ATTENTION_INPUTS[n]) for n in names})
+                out.update({_layer_name(mha_name, module is not mha, weight, n): (mha, ATTENTION_INPUTS[n])
+                            for n in names})
     return out
 
 
