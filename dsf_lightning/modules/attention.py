@@ -35,7 +35,7 @@ from torch.nn.utils import parametrize
 from dsf_lightning.layers import ATTENTION_INPUTS, ATTENTION_WEIGHTS
 
 __all__ = ["Exposure", "StackedWeight", "expose_attention", "exposed_layers", "feeding", "fold_attention",
-           "folded_state_dict"]
+           "folded_state_dict", "is_exposed"]
 
 
 
@@ -81,6 +81,11 @@ def _owners(mha: nn.MultiheadAttention) -> list[tuple[nn.Module, str, tuple[str,
     """``(module, weight name, child names)`` of every weight ``mha``'s forward reads directly."""
     found = [(mha, w, names) for w, names in ATTENTION_WEIGHTS.items() if getattr(mha, w, None) is not None]
     return [*found, (mha.out_proj, "weight", ("o",))]
+
+
+def is_exposed(name: str) -> bool:
+    """Whether the module or state-dict key ``name`` lies inside a parametrization (an exposed weight's layer)."""
+    return ".parametrizations." in f".{name}"
 
 
 def _layer_name(mha_name: str, in_out_proj: bool, weight: str, layer: str) -> str:
@@ -234,7 +239,7 @@ def fold_attention(model: nn.Module) -> nn.Module:
 def folded_state_dict(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """``state`` (of ``model``) with every exposed weight's keys (``X.parametrizations.W.*``) replaced by the
     weight itself under its original key ``X.W`` (detached): what the folded model's state dict holds."""
-    out = {k: v for k, v in state.items() if ".parametrizations." not in f".{k}"}
+    out = {k: v for k, v in state.items() if not is_exposed(k)}
     for name, module in model.named_modules():
         for weight in getattr(module, "parametrizations", {}) if parametrize.is_parametrized(module) else ():
             out[f"{name}.{weight}" if name else weight] = getattr(module, weight).detach()

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from dsf_lightning.layers import Signature, dense_signature, layer_kind, linear_as_conv1d, signature
 from dsf_lightning.modules import PRUNED_MODULE_TYPES, ConvGeometry, MaskedLayer, is_pruned_module
-from dsf_lightning.modules.attention import Exposure, expose_attention, fold_attention
+from dsf_lightning.modules.attention import Exposure, expose_attention, fold_attention, is_exposed
 from dsf_lightning.persistence.files import read_torch_file, save_torch_file
 
 __all__ = [
@@ -177,8 +177,7 @@ def structure_applied(model: nn.Module, spec: Mapping[str, Any]) -> Iterator[nn.
     holds its original modules again): for loaders that fill the new modules and may find a mismatch."""
     entries = _check_spec(spec)
     # pruned attention weights live in layers that exposing nn.MultiheadAttention creates (modules.attention)
-    exposure = expose_attention(model) if any(".parametrizations." in f".{e.get('name')}" for e in entries) \
-        else Exposure()
+    exposure = expose_attention(model) if any(is_exposed(str(e.get("name"))) for e in entries) else Exposure()
     replaced = []
     try:
         modules = dict(model.named_modules())

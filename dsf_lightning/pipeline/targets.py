@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 
 from dsf_lightning.layers import SUPPORTED, grouped, layer_kind, raw_weight_reason
 from dsf_lightning.modules import ConvGeometry, DSFLinear, SparseLinear, is_pruned_module
+from dsf_lightning.modules.attention import is_exposed
 
 __all__ = ["FAMILIES", "Family", "as_patterns", "block_stacks", "detect_family", "find_targets", "matching",
            "unsupported"]
@@ -106,7 +107,7 @@ def _family_rule(model: nn.Module, layers: list[tuple[str, nn.Module]], family: 
         first_conv = next((n for n, m in layers if isinstance(m, (nn.Conv2d, ConvGeometry))), None)
         head = next((n for n, m in reversed(layers)  # an attention weight's layer is no head (modules.attention)
                      if (layer_kind(m) in ("linear", "conv1d") or isinstance(m, (DSFLinear, SparseLinear)))
-                     and ".parametrizations." not in f".{n}"), None)
+                     and not is_exposed(n)), None)
         for n, m in layers:
             if n == first_conv:
                 skipped[n] = "first conv (kept dense: vision family default)"
