@@ -26,7 +26,11 @@ from tqdm.auto import tqdm
 
 from dsf_lightning.pipeline.distributed import comm_device, world
 
-__all__ = ["PerplexityResult", "perplexity", "text_perplexity", "window_nll"]
+__all__ = ["PROTOCOL", "PerplexityResult", "perplexity", "text_perplexity", "window_nll", "windows_record"]
+
+#: the protocol of every perplexity here, in words (the ``eval_protocol`` of ``results.json``)
+PROTOCOL = ("text tokenized whole, consecutive non-overlapping windows (tail dropped), each scored alone; "
+            "perplexity = exp(total NLL / scored tokens)")
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,13 @@ def perplexity(model: nn.Module, windows: Tensor, *, batch_size: int = 8, device
     tokens = n * (seq_len - 1)
     nll = float(agg[0]) / tokens
     return PerplexityResult(perplexity=math.exp(nll), nll=nll, tokens=tokens, windows=n, seq_len=seq_len)
+
+
+def windows_record(origin: str, text_tokens: int, windows: Tensor) -> dict[str, Any]:
+    """What a perplexity was measured on: the text's origin and tokens, the ``(k, seq_len)`` windows' count and
+    the tokens they score."""
+    return {"origin": origin, "text_tokens": text_tokens, "windows": windows.shape[0],
+            "scored_tokens": windows.shape[0] * (windows.shape[1] - 1)}
 
 
 def text_perplexity(model: nn.Module, tokenizer: Any, text: str, seq_len: int, *, max_windows: int | None = None,

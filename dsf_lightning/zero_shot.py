@@ -31,7 +31,7 @@ from torch import nn
 
 from dsf_lightning.data.offline import hub_offline
 
-__all__ = ["PRESETS", "check_tasks", "expand_tasks", "zero_shot"]
+__all__ = ["PRESETS", "check_tasks", "expand_tasks", "zero_shot", "zero_shot_protocol"]
 
 #: named task lists: ``wanda`` = the seven zero-shot tasks of Wanda (Sun et al., 2024)
 PRESETS: dict[str, tuple[str, ...]] = {
@@ -159,3 +159,9 @@ def zero_shot(model: nn.Module, tokenizer: Any, tasks: Sequence[str], *,
             "versions": {t: out["versions"].get(t) for t in names},
             "n_shot": {t: out["n-shot"].get(t) for t in names},
             "lm_eval": lm_eval.__version__, "limit": limit}
+
+
+def zero_shot_protocol(result: dict[str, Any]) -> dict[str, Any]:
+    """What a :func:`zero_shot` result was measured with (the protocol record of ``results.json``): the tasks,
+    lm-eval's version, the task versions, the shots and the document limit."""
+    return {"tasks": list(result["results"]), **{k: result[k] for k in ("lm_eval", "versions", "n_shot", "limit")}}

@@ -353,8 +353,11 @@ def test_merged_export_has_exact_zeros_and_no_finetuning_means_post_equals_pre(t
 
 def test_recipe_scores_local_zero_shot_tasks_at_every_stage(tiny_dir, tmp_path, monkeypatch, wiki_texts):
     """--eval-tasks over local task YAMLs: lm-eval at dense / pruned / fine-tuned, in results.json with the
-    versions in the protocol record, and in the W&B summary."""
+    versions in the protocol record, and in the W&B summary; ``python -m dsf_lightning.evaluate`` on the float32
+    packed export repeats the run's final numbers bit for bit, and dsf-compare shows it beside the run."""
     from dsf_lightning.data.tasks import write_local_tasks
+    from dsf_lightning.evaluate import main as evaluate_main
+    from dsf_lightning.runs.records import find_runs
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     names = write_local_tasks(tmp_path / "tasks", wiki_texts[-6:], n=4)
@@ -362,7 +365,7 @@ def test_recipe_scores_local_zero_shot_tasks_at_every_stage(tiny_dir, tmp_path, 
     assert llama_main(_args(tiny_dir, out, "--finetune-steps", "2", "--batch-size", "2", "--wandb", "offline",
                             "--wandb-dir", str(tmp_path), "--eval-tasks", names[0], "--eval-tasks", names[1],
                             "--eval-tasks-path", str(tmp_path / "tasks"), "--eval-tasks-limit", "4",
-                            "--no-save-packed", "--no-save-merged")) == 0
+                            "--packed-dtype", "float32")) == 0
     result = json.load(open(out / "results.json"))
     zs = result["zero_shot"]
     assert set(zs) == {"dense", "pre_finetune", "post_finetune"} and all(set(v) == set(names) for v in zs.values())
@@ -372,6 +375,26 @@ def test_recipe_scores_local_zero_shot_tasks_at_every_stage(tiny_dir, tmp_path, 
     assert proto["versions"] == {n: 1.0 for n in names} and proto["lm_eval"].startswith("0.4.") and proto["limit"] == 4
     summary = wandb_records(tmp_path)["summary"]
     assert summary[f"post_finetune/zs/{names[0]}/acc"] == zs["post_finetune"][names[0]]["acc"]
+    # the stand-alone evaluator: every default from the run's results.json, the same numbers exactly
+    assert evaluate_main([str(out / "packed"), "--no-progress-bar"]) == 0
+    again = json.load(open(out / "evaluation-packed" / "results.json"))
+    assert again["evaluated"]["kind"] == "packed" and again["identity"] == result["identity"]
+    assert again["perplexity"] == {"post_finetune": result["perplexity"]["post_finetune"]}
+    assert again["zero_shot"] == {"post_finetune": zs["post_finetune"]}
+    assert again["protocol"]["eval"] == result["protocol"]["eval"]
+    methods = {r.method: r for r in find_runs([out])}
+    assert set(methods) == {"dsf+outer_iters=2", "dsf+outer_iters=2@packed"}
+    assert methods["dsf+outer_iters=2@packed"].metrics["post_finetune"] == methods["dsf+outer_iters=2"].metrics[
+        "post_finetune"]
+    # the merged export: plain transformers, its own kind; the merged product rounds differently (fp32, depth)
+    assert evaluate_main([str(out / "merged"), "--no-progress-bar", "--tasks", names[1], "--tasks-limit", "2"]) == 0
+    merged = json.load(open(out / "evaluation-merged" / "results.json"))
+    assert merged["evaluated"]["kind"] == "merged" and set(merged["zero_shot"]["post_finetune"]) == {names[1]}
+    model, tok, _ = load_causal_lm(str(out / "merged"))
+    scale = direct_perplexity(model, textdata.eval_windows(tok, textdata.eval_sources()[0], 64, 4)[0])[1]
+    rel = perplexity_rel_bound(torch.float32, fp32_depth(model.config, factored=True), scale)
+    want = result["perplexity"]["post_finetune"]["wikipedia"]
+    assert merged["perplexity"]["post_finetune"]["wikipedia"] == pytest.approx(want, rel=rel)
 
 
 def test_recipe_ddp_two_processes(tiny_dir, texts, tmp_path, wiki_texts):

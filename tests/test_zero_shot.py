@@ -94,3 +94,47 @@ def test_without_lm_eval_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
     with pytest.raises(ImportError, match=r"pip install 'dsf-lightning\[eval\]'"):
         check_tasks(["wiki_cloze"])
+
+
+def test_evaluate_names_a_saved_model_and_its_stage(two_blocks, tasks, tmp_path):
+    """``python -m dsf_lightning.evaluate`` away from any run: a packed folder's identity comes from its pruned
+    layers (method, achieved density), a plain save_pretrained folder is the dense model at stage ``dense``."""
+    from dsf_lightning import prune
+    from dsf_lightning.evaluate import evaluate_folder
+    from dsf_lightning.models.causal_lm import PACKED_FILE
+    from dsf_lightning.persistence.export import save_packed
+
+    model, tok = two_blocks
+    text = tmp_path / "notes.txt"
+    text.write_text(" ".join(["The river runs past the old mill and under the stone bridge."] * 40))
+    dense_dir, packed_dir = tmp_path / "dense", tmp_path / "packed"
+    model.save_pretrained(dense_dir)
+    tok.save_pretrained(dense_dir)
+    pruned = copy.deepcopy(model)
+    prune(pruned, 0.5, "magnitude", include=[r"model\.layers\.0\.mlp\..*"])
+    save_packed(pruned, packed_dir / PACKED_FILE)
+    pruned.config.save_pretrained(packed_dir)
+    tok.save_pretrained(packed_dir)
+    args = {"ppl": [str(text)], "seq_len": 32, "eval_samples": 2, "tasks": ["wiki_cloze"], "tasks_path": tasks,
+            "limit": 3, "device": "cpu"}
+    dense = evaluate_folder(dense_dir, **args)
+    assert dense["identity"]["method"] == "dense" and dense["identity"]["density"] == 1.0
+    assert dense["evaluated"]["stage"] == "dense" and dense["evaluated"]["kind"] == "pretrained"
+    assert dense["protocol"]["eval"]["notes"]["windows"] == 2
+    assert dense["zero_shot"]["dense"]["wiki_cloze"]["samples"] == 3
+    got = evaluate_folder(packed_dir, **args)
+    assert got["identity"]["method"] == "magnitude" and got["identity"]["density"] == 0.5
+    assert got["evaluated"] == {"folder": str(packed_dir), "kind": "packed", "stage": "post_finetune", "run": None}
+    assert got["perplexity"]["post_finetune"]["notes"] != dense["perplexity"]["dense"]["notes"]  # the prune shows
+
+
+def test_evaluate_bad_input_exits_2_naming_it(tmp_path, capsys):
+    from dsf_lightning.evaluate import main
+
+    assert main([str(tmp_path / "nowhere")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main([str(tmp_path)]) == 2
+    assert "neither a packed export" in capsys.readouterr().err
+    assert not (tmp_path.parent / f"evaluation-{tmp_path.name}").exists()  # nothing written
+    assert main([str(tmp_path), "--ppl", "wikitext3"]) == 2
+    assert "--ppl 'wikitext3' is neither an evaluation dataset" in capsys.readouterr().err

@@ -8,7 +8,8 @@ its metrics by stage (``dense``, ``pre_finetune``, ``bn_recalibrated``, ``post_f
   names the run;
   vision recipes keep their metrics as ``{"metrics": {"<stage>/<name>": value}}``, the LLM recipe as
   ``{"perplexity": {"<stage>": {"<eval text>": value}}}`` and, with zero-shot tasks, ``{"zero_shot":
-  {"<stage>": {"<task>": {"acc": ...}}}}`` (as ``zs/<task>/<metric>`` and ``zs/mean/acc``).
+  {"<stage>": {"<task>": {"acc": ...}}}}`` (as ``zs/<task>/<metric>`` and ``zs/mean/acc``); a ``results.json``
+  of ``python -m dsf_lightning.evaluate`` (``evaluated: {kind, ...}``) is the method ``<method>@<kind>``.
 * Lightning CSV logs (``metrics.csv`` beside ``hparams.yaml``) of any ``Trainer`` with
   ``DSFPruneCallback``: the callback logs its config and the module's class as the ``dsf``
   hyperparameters.
@@ -20,14 +21,16 @@ its metrics by stage (``dense``, ``pre_finetune``, ``bn_recalibrated``, ``post_f
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import json
+import platform
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = ["STAGES", "RunRecord", "find_runs", "method_label", "read_results_json", "read_wandb_file", "run_identity",
-           "run_name"]
+           "run_name", "versions"]
 
 #: The stages a pruned run is evaluated at, in order.
 STAGES = ("dense", "pre_finetune", "bn_recalibrated", "post_finetune")
@@ -39,6 +42,17 @@ def run_identity(model: str, method: str, density: float, seed: int | None, allo
     the method options the user set (they make a different method variant, e.g. DSF without finalization)."""
     return {"model": model, "method": method, "density": float(density), "seed": seed, "allocation": allocation,
             "options": dict(options or {})}
+
+
+def versions() -> dict[str, str | None]:
+    """Python's and the libraries' versions (``None``: not installed): the ``versions`` of a protocol record."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("dsf-lightning", "torch", "transformers", "tokenizers", "lightning", "torchmetrics", "datasets"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
 
 
 def method_label(method: str, options: dict[str, Any] | None = None) -> str:
@@ -99,7 +113,11 @@ def read_results_json(path: Path) -> RunRecord:
     for stage, tasks in (data.get("zero_shot") or {}).items():
         if stage in STAGES and isinstance(tasks, dict):
             metrics.setdefault(stage, {}).update(zero_shot_metrics(tasks))
-    return _record(identity, metrics, path)
+    record = _record(identity, metrics, path)
+    evaluated = data.get("evaluated")
+    if isinstance(evaluated, dict):  # python -m dsf_lightning.evaluate on an export: a row of its own
+        record.method += f"@{evaluated.get('kind', 'saved')}"
+    return record
 
 
 def zero_shot_metrics(tasks: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -150,10 +150,18 @@ class ExportConfig:
             (:func:`~dsf_lightning.models.load_packed_causal_lm` reads it back).
         merged: ``merged/``: every pruned layer merged to its dense product, ``save_pretrained`` (plain
             transformers: ``AutoModelForCausalLM.from_pretrained``).
+        packed_dtype: the packed file's values and other floating tensors; ``float32`` keeps a float32 model's
+            weights exactly (so ``python -m dsf_lightning.evaluate`` on it repeats the run's numbers), at twice
+            the bytes of the 16-bit dtypes.
     """
 
     packed: bool = True
     merged: bool = True
+    packed_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+    def __post_init__(self) -> None:
+        if self.packed_dtype not in DTYPES:
+            raise ValueError(f"packed_dtype must be one of {tuple(DTYPES)}, got {self.packed_dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -319,6 +327,8 @@ def llama_parser() -> ConfigParser[LlamaRecipeConfig]:
             "export",
             flag("--save-packed", to="export.packed", action=argparse.BooleanOptionalAction,
                  help="save packed/: the packed format (16-bit nonzeros + bit masks) with config and tokenizer"),
+            flag("--packed-dtype", to="export.packed_dtype", choices=tuple(DTYPES),
+                 help="dtype of packed/'s values (float32: a float32 model's weights exactly, twice the bytes)"),
             flag("--save-merged", to="export.merged", action=argparse.BooleanOptionalAction,
                  help="save merged/: merged dense weights by save_pretrained (plain transformers)"),
         ),

@@ -28,9 +28,7 @@ mask count and the exports.
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
-import platform
 import resource
 import time
 from collections.abc import Sequence
@@ -60,6 +58,7 @@ from dsf_lightning.data.text import (
     resolve_seq_len,
 )
 from dsf_lightning.models.causal_lm import (
+    DTYPES,
     PACKED_FILE,
     CausalLM,
     load_causal_lm,
@@ -67,7 +66,7 @@ from dsf_lightning.models.causal_lm import (
     set_activation_checkpointing,
 )
 from dsf_lightning.models.sharding import gathered, is_fully_sharded
-from dsf_lightning.perplexity import perplexity
+from dsf_lightning.perplexity import PROTOCOL, perplexity, windows_record
 from dsf_lightning.persistence.export import save_packed
 from dsf_lightning.persistence.files import atomic_folder, write_json
 from dsf_lightning.persistence.structure import nonzeros_outside_masks, to_dense
@@ -88,11 +87,11 @@ from dsf_lightning.recipes.common import (
 )
 from dsf_lightning.recipes.llm.config import FSDP_ONE_PROCESS, STRATEGIES, LlamaRecipeConfig, llama_parser
 from dsf_lightning.recipes.sections import RunConfig
-from dsf_lightning.runs.records import run_name
-from dsf_lightning.zero_shot import check_tasks, zero_shot
+from dsf_lightning.runs.records import run_name, versions
+from dsf_lightning.zero_shot import check_tasks, zero_shot, zero_shot_protocol
 
 __all__ = ["LlamaPrepared", "execute_llama", "export_pruned", "launch", "llama_main", "prepare_llama",
-           "protocol_record", "run_llama", "versions"]
+           "protocol_record", "run_llama"]
 
 STAGES = ("dense", "pre_finetune", "post_finetune")
 
@@ -113,17 +112,6 @@ class LlamaPrepared:
     protocol: dict[str, Any]
 
 
-def versions() -> dict[str, str | None]:
-    """Python's and the libraries' versions (``None``: not installed)."""
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("dsf-lightning", "torch", "transformers", "tokenizers", "lightning", "torchmetrics", "datasets"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def protocol_record(config: LlamaRecipeConfig, *, name: str, model: nn.Module, source: str,
                     context: tuple[int | None, str], calibration_source: TextSource, calibration: Tensor,
                     stream: Tensor,
@@ -142,10 +130,8 @@ def protocol_record(config: LlamaRecipeConfig, *, name: str, model: nn.Module, s
         "calibration": {"text": calibration_source.name, "origin": calibration_source.origin,
                         "samples": calibration.shape[0], "tokens": calibration.numel(), "text_tokens": stream.numel(),
                         "sampling": "disjoint windows at random slots of the tokenized text", "seed": p.seed},
-        "eval": {n: {"origin": origins[n], "text_tokens": eval_tokens[n], "windows": w.shape[0],
-                     "scored_tokens": w.shape[0] * (seq_len - 1)} for n, w in evals.items()},
-        "eval_protocol": "text tokenized whole, consecutive non-overlapping windows (tail dropped), each scored "
-                         "alone; perplexity = exp(total NLL / scored tokens)",
+        "eval": {n: windows_record(origins[n], eval_tokens[n], w) for n, w in evals.items()},
+        "eval_protocol": PROTOCOL,
         "finetune": None if train is None else {"text": calibration_source.name, "windows": train.shape[0],
                                                 "tokens": train.numel(), "steps": config.finetune.steps},
         "prune": {"method": p.method, "density": p.density, "sequential": p.sequential,
@@ -262,17 +248,17 @@ def _finetune(prepared: LlamaPrepared, model: nn.Module, logger: Any, progress: 
     return trainer.global_step, memory_figures(trainer)
 
 
-def export_pruned(model: nn.Module, tokenizer: Any, output_dir: str, packed: bool = True, merged: bool = True
-                  ) -> dict[str, Any]:
-    """``output_dir/packed/`` (``save_packed`` + config + tokenizer) and ``output_dir/merged/`` (``merge`` in
-    place, then ``save_pretrained`` + tokenizer); returns the folders and the packed file's size. Each folder
-    is written whole or not at all (:func:`~dsf_lightning.persistence.files.atomic_folder`): an export that fails or is
-    killed midway leaves the previous export in that folder complete."""
+def export_pruned(model: nn.Module, tokenizer: Any, output_dir: str, packed: bool = True, merged: bool = True,
+                  packed_dtype: str = "float16") -> dict[str, Any]:
+    """``output_dir/packed/`` (``save_packed`` in ``packed_dtype`` + config + tokenizer) and ``output_dir/merged/``
+    (``merge`` in place, then ``save_pretrained`` + tokenizer); returns the folders and the packed file's size.
+    Each folder is written whole or not at all (:func:`~dsf_lightning.persistence.files.atomic_folder`): an
+    export that fails or is killed midway leaves the previous export in that folder complete."""
     out: dict[str, Any] = {}
     if packed:
         folder = os.path.join(output_dir, "packed")
         with atomic_folder(folder) as tmp:
-            out["packed_bytes"] = save_packed(model, tmp / PACKED_FILE)
+            out["packed_bytes"] = save_packed(model, tmp / PACKED_FILE, DTYPES[packed_dtype])
             model.config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         out["packed"] = folder
@@ -363,12 +349,11 @@ def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
                                   "protocol": prepared.protocol, "prune": report.totals(), "layers": report.to_rows(),
                                   "config": config.to_dict()}
         if zs:  # the scores by stage; lm-eval's version and the task versions in the protocol record
-            first = next(iter(zs.values()))
-            result["zero_shot"], result["protocol"] = zero, {**prepared.protocol, "zero_shot": {
-                "tasks": list(first["results"]), **{k: first[k] for k in ("lm_eval", "versions", "n_shot", "limit")}}}
+            result["zero_shot"] = zero
+            result["protocol"] = {**prepared.protocol, "zero_shot": zero_shot_protocol(next(iter(zs.values())))}
         if rank == 0:
             result["exports"] = export_pruned(whole, prepared.tokenizer, out, config.export.packed,
-                                              config.export.merged)
+                                              config.export.merged, config.export.packed_dtype)
             write_json(os.path.join(out, "results.json"), result)
             print(summary(run_name(who), ppl, seconds,
                           config.data.seq_len))
