@@ -14,7 +14,8 @@ read their datasets from the Hugging Face hub; with the hub offline (``HF_HUB_OF
 ``HF_DATASETS_OFFLINE``) :func:`check_tasks` refuses them, naming the task and how to give local data.
 Standard errors of means are lm-eval's analytic ones; of other aggregations (perplexity), a 1,000-sample
 bootstrap. Under ``torch.distributed`` each process that calls :func:`zero_shot` scores every document
-itself (the recipe: every rank, the same numbers; no rank waits on another through a collective).
+itself (the recipe: every rank, the same numbers; no rank waits on another through a collective); a model
+sharded with FSDP is scored the same way, every rank running the same forwards in lock step.
 """
 
 from __future__ import annotations

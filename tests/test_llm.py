@@ -431,18 +431,25 @@ def test_recipe_ddp_two_processes(tiny_dir, texts, tmp_path, wiki_texts):
     assert (tmp_path / "ddp" / "merged" / "config.json").is_file()
 
 
-def test_recipe_fsdp_two_processes(tiny_dir, texts, tmp_path):
+def test_recipe_fsdp_two_processes(tiny_dir, texts, tmp_path, wiki_texts):
     """--strategy fsdp on 2 gloo processes: the pruned model fine-tunes sharded by decoder block, is scored
-    sharded, and is gathered on rank 0 for the exports, which score what the sharded model scored."""
+    sharded (perplexity, and zero-shot with every rank running every document in lock step), and is gathered on
+    rank 0 for the exports, which score what the sharded model scored."""
     from transformers import AutoModelForCausalLM
+
+    from dsf_lightning.data.tasks import write_local_tasks
+    from dsf_lightning.evaluate import evaluate_folder
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
     out = tmp_path / "fsdp"
+    cloze = write_local_tasks(tmp_path / "tasks", wiki_texts[-6:], n=3)[1]
     # 3 evaluation windows on 2 ranks: one rank scores fewer and must still run every sharded forward
     proc = subprocess.run([sys.executable, os.path.abspath(__file__),
                            *_args(tiny_dir, out, "--devices", "2", "--strategy", "fsdp", "--calibration-text",
                                   texts["calib"], "--eval-text", texts["heldout"], "--eval-samples", "3",
-                                  "--finetune-steps", "3", "--batch-size", "2", "--wandb", "off")],
+                                  "--finetune-steps", "3", "--batch-size", "2", "--wandb", "off", "--no-eval-dense",
+                                  "--eval-tasks", cloze, "--eval-tasks-path", str(tmp_path / "tasks"),
+                                  "--packed-dtype", "float32")],
                           env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.load(open(out / "results.json"))
@@ -456,10 +463,11 @@ def test_recipe_fsdp_two_processes(tiny_dir, texts, tmp_path):
     fp32 = perplexity_rel_bound(torch.float32, fp32_depth(merged.config, factored=True),
                                 direct_perplexity(merged, windows)[1])
     assert perplexity(merged, windows).perplexity == pytest.approx(ppl["post_finetune"]["heldout"], rel=fp32)
-    packed, _ = load_packed_causal_lm(out / "packed")
-    fp16 = perplexity_rel_bound(torch.float16, 4 * merged.config.num_hidden_layers + 2,
-                                direct_perplexity(merged, windows)[1], computations=1)
-    assert perplexity(packed, windows).perplexity == pytest.approx(ppl["post_finetune"]["heldout"], rel=fp16 + fp32)
+    packed, _ = load_packed_causal_lm(out / "packed")  # float32 values: the weights exactly
+    assert perplexity(packed, windows).perplexity == pytest.approx(ppl["post_finetune"]["heldout"], rel=fp32)
+    # the sharded model's zero-shot scores are the whole model's (the same logits)
+    zs = evaluate_folder(out / "packed", device="cpu")["zero_shot"]["post_finetune"]
+    assert zs == result["zero_shot"]["post_finetune"] and zs[cloze]["samples"] == 3
 
 
 @pytest.mark.slow

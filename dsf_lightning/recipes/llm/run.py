@@ -22,8 +22,8 @@ evaluation: every rank scores every document (the same numbers, no rank waiting 
 ``--strategy fsdp``: steps 1-2 as above (the prune runs on whole modules, before any wrapping), then the
 fine-tuning ``Trainer`` takes Lightning's ``ModelParallelStrategy`` and ``CausalLM`` shards the pruned model
 by decoder block (FSDP2; :mod:`~dsf_lightning.models.sharding`); ``post_finetune`` scores the sharded model
-(every rank runs the same number of forwards); the model is then gathered whole on rank 0's CPU for the
-mask count and the exports.
+(every rank runs the same number of forwards; zero-shot: every rank runs every document, the sharded
+forwards in lock step); the model is then gathered whole on rank 0's CPU for the mask count and the exports.
 """
 
 from __future__ import annotations
