@@ -18,6 +18,7 @@ except importlib.metadata.PackageNotFoundError:  # a source tree on PYTHONPATH, 
     __version__ = "unknown"
 
 from dsf_lightning.config import PruneConfig
+from dsf_lightning.distill import DistillConfig, Distiller
 from dsf_lightning.factorization import (
     METHODS,
     Factorization,
@@ -72,6 +73,8 @@ __all__ = [
     "DSFConv2d",
     "DSFLinear",
     "DSFPruneCallback",
+    "DistillConfig",
+    "Distiller",
     "Factorization",
     "FiniteLossGuard",
     "GramAccumulator",

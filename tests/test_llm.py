@@ -432,7 +432,8 @@ def test_recipe_ddp_two_processes(tiny_dir, texts, tmp_path, wiki_texts):
 
 
 def test_recipe_fsdp_two_processes(tiny_dir, texts, tmp_path, wiki_texts):
-    """--strategy fsdp on 2 gloo processes: the pruned model fine-tunes sharded by decoder block, is scored
+    """--strategy fsdp on 2 gloo processes: the pruned model fine-tunes sharded by decoder block (distilling from
+    the dense teacher, sharded alike, held in bf16), is scored
     sharded (perplexity, and zero-shot with every rank running every document in lock step), and is gathered on
     rank 0 for the exports, which score what the sharded model scored."""
     from transformers import AutoModelForCausalLM
@@ -449,11 +450,13 @@ def test_recipe_fsdp_two_processes(tiny_dir, texts, tmp_path, wiki_texts):
                                   texts["calib"], "--eval-text", texts["heldout"], "--eval-samples", "3",
                                   "--finetune-steps", "3", "--batch-size", "2", "--wandb", "off", "--no-eval-dense",
                                   "--eval-tasks", cloze, "--eval-tasks-path", str(tmp_path / "tasks"),
-                                  "--packed-dtype", "float32")],
+                                  "--packed-dtype", "float32", "--distill", "squarehead", "--distill-logit-weight",
+                                  "0.5", "--teacher-dtype", "bfloat16")],
                           env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.load(open(out / "results.json"))
     assert result["world_size"] == 2 and result["finetune_steps"] == 3 and result["config"]["run"]["strategy"] == "fsdp"
+    assert result["config"]["distill"]["kind"] == "squarehead"
     assert result["nonzeros_outside_masks"] == 0
     ppl = result["perplexity"]
     assert ppl["post_finetune"]["heldout"] != ppl["pre_finetune"]["heldout"]  # it trained
@@ -530,6 +533,10 @@ def test_bad_input(tiny_dir, texts, tmp_path, monkeypatch, no_work, capsys):
     assert "zero-shot task 'boolq' reads" in e and "--eval-tasks-path DIR" in e
     e = err("--model", tiny_dir, "--eval-tasks", "wiki_clozee", "--eval-tasks-path", str(tmp_path))
     assert "'wiki_clozee' is not an lm-eval task" in e
+    e = err("--model", tiny_dir, "--distill", "squarehead")  # no fine-tuning: nothing to distill into
+    assert "--distill squarehead distills while fine-tuning, and this run does not fine-tune" in e
+    e = err("--model", tiny_dir, "--distill", "squarehead", "--distill-temperature", "0", "--finetune-steps", "2")
+    assert "distill temperature must be > 0, got 0.0" in e
     e = err("--model", tiny_dir, "--strategy", "fsdp")  # one process: nothing to shard across
     assert "--strategy fsdp shards the model across processes, and this run has one" in e
     with pytest.raises(SystemExit) as exit_:

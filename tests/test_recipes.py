@@ -143,7 +143,8 @@ def test_resnet50_imagefolder_fast_dev_run(tmp_path):
 
 def test_resnet20_real_tiny_run_wandb_offline(tmp_path):
     """--fast-dev-run replaces loggers by a DummyLogger, so W&B is checked on a real 1-epoch run
-    (digits default, 2 batches) starting from a --dense-ckpt (one W&B run: prune + fine-tune)."""
+    (digits default, 2 batches) starting from a --dense-ckpt (one W&B run: prune + fine-tune), distilling the
+    stage features and logits of the dense model (each term logged; the teacher in no checkpoint)."""
     from dsf_lightning.models import resnet20
 
     torch.manual_seed(0)
@@ -154,7 +155,7 @@ def test_resnet20_real_tiny_run_wandb_offline(tmp_path):
         "--dense-ckpt", str(ckpt), "--method", "dsf", "--density", "0.2", "--seed", "3", "--max-epochs", "1",
         "--limit-batches", "2", "--batch-size", "16", "--num-workers", "0", "--accelerator", "cpu",
         "--factorization-options", FAST, "--wandb", "offline", "--wandb-dir", str(tmp_path),
-        "--output-dir", str(out), "--no-progress-bar"])
+        "--output-dir", str(out), "--no-progress-bar", "--distill", "features", "--distill-logit-weight", "0.5"])
     assert code == 0
     rec = wandb_records(tmp_path)
     assert rec["run"]["name"] == "resnet20-16-dsf-d0.2-s3"
@@ -192,6 +193,11 @@ def test_resnet20_real_tiny_run_wandb_offline(tmp_path):
               "post_finetune/val_acc5"):
         assert hist[k] == results[k], k
     assert "val_acc" in hist and "train_loss_epoch" in hist
+    assert {"train/ce_epoch", "train/kd_epoch", "train/features_epoch"} <= set(hist)
+    assert cfg["distill"] == {"kind": "features", "weight": 1.0, "temperature": 1.0, "logit_weight": 0.5,
+                              "teacher_dtype": None}
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert state and all(k.startswith(("backbone.", "train_acc", "val_acc")) for k in state)  # no teacher
     # the checkpoint carries the pruned structure: it loads into a fresh dense ResNet-20
     from dsf_lightning.callbacks import load_pruned_checkpoint
     from dsf_lightning.models import ImageClassifier
@@ -271,6 +277,12 @@ def test_unknown_method_and_bad_options(tmp_path, no_training, capsys):
     assert "method 'wanda' needs calibration data" in err and "--calibration-batches" in err
     assert resnet20_main(["--factorization-options", '{"no_such_option": 1}']) == 2
     assert "no_such_option" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        resnet20_main(["--distill", "squarehead"])
+    assert "argument --distill: invalid choice: 'squarehead'" in capsys.readouterr().err
+    assert resnet20_main(["--distill", "logits", "--distill-weight", "2"]) == 2
+    assert "distill weight must be in [0, 1] (the KD share of the loss) for kind 'logits', got 2.0" in \
+        capsys.readouterr().err
 
 
 def test_image_size_is_checked_before_training(no_training, capsys):

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
 from dsf_lightning.data.offline import hub_offline
+from dsf_lightning.distill import Distiller
 from dsf_lightning.models.sharding import is_fully_sharded, shard_by_block, sharding_mesh
 from dsf_lightning.modules import Storage, check_storage, set_storage
 from dsf_lightning.persistence.structure import CHECKPOINT_KEY, PrunedCheckpointMixin, pruned_modules, structure_spec
@@ -99,12 +100,17 @@ class CausalLM(PrunedCheckpointMixin, pl.LightningModule):
             ``"compressed"`` (default: the nonzeros are the parameters, so gradients and AdamW state scale
             with them) converts masked modules present now; ``"masked"`` converts compressed ones; ``None``
             keeps each as it is. Modules a ``DSFPruneCallback`` builds later take its own ``storage``.
+        distiller: distillation from the dense model (:class:`~dsf_lightning.distill.Distiller`: its frozen
+            teacher and loss; ``logits`` and ``squarehead``): the loss becomes its total, and ``train/ce`` and
+            each term (``train/kd``, ``train/squarehead``) are logged. The teacher moves to the module's device
+            when fitting starts and is never in a checkpoint (build it again from the dense weights to resume).
     """
 
     def __init__(self, model: nn.Module, *, lr: float = 5e-5, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, warmup_steps: int = 0,
                  lr_schedule: Schedule = "cosine", min_lr_ratio: float = 0.0,
-                 gradient_checkpointing: bool = False, storage: Storage | None = "compressed") -> None:
+                 gradient_checkpointing: bool = False, storage: Storage | None = "compressed",
+                 distiller: Distiller | None = None) -> None:
         super().__init__()
         if storage is not None:
             check_storage(storage)
@@ -118,8 +124,13 @@ class CausalLM(PrunedCheckpointMixin, pl.LightningModule):
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         if not callable(getattr(model, "forward", None)) or not hasattr(model, "config"):
             raise ValueError(f"CausalLM wraps a transformers causal LM (with a config), got {type(model).__name__}")
-        self.save_hyperparameters(ignore=["model"])
+        if distiller is not None and distiller.config.kind not in ("logits", "squarehead"):
+            raise ValueError(f"CausalLM distills 'logits' or 'squarehead', got {distiller.config.kind!r}")
+        self.save_hyperparameters(ignore=["model", "distiller"])
         self.hparams["betas"] = list(betas)
+        self.distiller = distiller  # a plain attribute: the teacher is no submodule, so in no state dict
+        if distiller is not None:
+            distiller.attach(model)
         if storage is not None:  # before any optimizer exists: the conversion makes new parameters
             set_storage(model, storage)
         self.model = model
@@ -135,31 +146,45 @@ class CausalLM(PrunedCheckpointMixin, pl.LightningModule):
         (:func:`~dsf_lightning.models.sharding.shard_by_block`: the values and bit patterns are sharded).
         A sharded checkpoint loads into the model once it is sharded, so to resume one in a dense model,
         rebuild its structure first (:func:`~dsf_lightning.persistence.structure.rebuild_sharded_structure`).
+        A distiller's teacher is sharded the same way.
         Any other strategy, or no Trainer (``load_from_checkpoint``): nothing to do."""
         try:
             strategy = self.trainer.strategy
         except RuntimeError:  # no Trainer: load_from_checkpoint builds the module alone
             return
         if isinstance(strategy, ModelParallelStrategy) and not is_fully_sharded(self.model):
-            shard_by_block(self.model, sharding_mesh(self.device_mesh))
+            mesh = sharding_mesh(self.device_mesh)
+            shard_by_block(self.model, mesh)
+            if self.distiller is not None:  # the teacher sharded like the student (its forwards in lock step)
+                shard_by_block(self.distiller.teacher, mesh)
 
     def on_fit_start(self) -> None:
-        """The wrapped model in train mode: transformers loads models in eval mode and Lightning keeps modes."""
+        """The wrapped model in train mode (transformers loads models in eval mode and Lightning keeps modes);
+        the teacher on the module's device."""
         self.model.train()
+        if self.distiller is not None:
+            self.distiller.to(self.device)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits ``(batch, seq_len, vocab)`` of ``input_ids (batch, seq_len)``."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
-    def _loss(self, batch: Any) -> tuple[Tensor, int]:
-        """Mean next-token NLL of the batch and the number of tokens it scores."""
+    def _loss(self, batch: Any, distill: bool = False) -> tuple[Tensor, int]:
+        """Mean next-token NLL of the batch (with ``distill``: the distiller's total, its terms logged) and the
+        number of tokens it scores."""
         ids, mask = _input_ids(batch)
         labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
-        loss = self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
-        return loss, int((labels[:, 1:] != -100).sum())
+        out = self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+        tokens = int((labels[:, 1:] != -100).sum())
+        if not (distill and self.distiller is not None):
+            return out.loss, tokens
+        terms = self.distiller(out.logits, input_ids=ids, attention_mask=mask, use_cache=False, mask=mask)
+        for name, value in {"ce": out.loss, **terms}.items():
+            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=False, batch_size=tokens)
+        return self.distiller.total(out.loss, terms), tokens
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss, tokens = self._loss(batch)
+        loss, tokens = self._loss(batch, distill=True)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=tokens)
         return loss
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from dsf_lightning.distill import Distiller
 from dsf_lightning.persistence.structure import PrunedCheckpointMixin
 
 __all__ = ["ImageClassifier"]
@@ -53,6 +54,10 @@ class ImageClassifier(PrunedCheckpointMixin, pl.LightningModule):
         milestones: epochs of the step schedule.
         gamma: factor of the step schedule.
         label_smoothing: of the cross-entropy loss.
+        distiller: distillation from the dense model (:class:`~dsf_lightning.distill.Distiller`, over copies of
+            the backbone: ``logits`` or ``features``): the loss becomes its total; ``train/ce`` and each term
+            (``train/kd``, ``train/features``) are logged. The teacher moves to the module's device when fitting
+            starts and is never in a checkpoint.
     """
 
     def __init__(
@@ -68,6 +73,7 @@ class ImageClassifier(PrunedCheckpointMixin, pl.LightningModule):
         milestones: Sequence[int] = (80, 120),
         gamma: float = 0.1,
         label_smoothing: float = 0.0,
+        distiller: Distiller | None = None,
     ) -> None:
         super().__init__()
         if lr_schedule not in ("step", "linear", "constant"):
@@ -76,7 +82,12 @@ class ImageClassifier(PrunedCheckpointMixin, pl.LightningModule):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if nesterov and momentum <= 0:
             raise ValueError("nesterov=True needs momentum > 0")
-        self.save_hyperparameters(ignore=["backbone"])
+        if distiller is not None and distiller.config.kind not in ("logits", "features"):
+            raise ValueError(f"ImageClassifier distills 'logits' or 'features', got {distiller.config.kind!r}")
+        self.save_hyperparameters(ignore=["backbone", "distiller"])
+        self.distiller = distiller  # a plain attribute: the teacher is no submodule, so in no state dict
+        if distiller is not None:
+            distiller.attach(backbone)
         self.hparams["milestones"] = list(milestones)
         self.backbone = backbone
         self.num_classes = num_classes
@@ -84,6 +95,11 @@ class ImageClassifier(PrunedCheckpointMixin, pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+
+    def on_fit_start(self) -> None:
+        """The teacher (if distilling) on the module's device."""
+        if self.distiller is not None:
+            self.distiller.to(self.device)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
@@ -95,6 +111,11 @@ class ImageClassifier(PrunedCheckpointMixin, pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = self._loss(logits, y)
+        if self.distiller is not None:
+            terms = self.distiller(logits, x)
+            for name, value in {"ce": loss, **terms}.items():
+                self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True)
+            loss = self.distiller.total(loss, terms)
         self.train_acc(logits.detach(), y)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from dsf_lightning.config import PruneConfig
+from dsf_lightning.distill import TEACHER_DTYPES, DistillConfig
 from dsf_lightning.factorization import check_density
 from dsf_lightning.modules import STORAGES
 from dsf_lightning.pipeline.allocation import ALLOCATIONS
@@ -21,6 +22,8 @@ __all__ = [
     "RecipeConfig",
     "RunConfig",
     "at_least",
+    "check_distill",
+    "distill_flags",
     "shared_flags",
 ]
 
@@ -244,3 +247,31 @@ def shared_flags() -> list[Flag]:
                  help="show Lightning's progress bar"),
         ),
     ]
+
+
+def distill_flags(kinds: tuple[str, ...]) -> list[Flag]:
+    """The flags of the ``distill`` section (:class:`~dsf_lightning.distill.DistillConfig`); ``kinds``: the
+    losses the recipe's model offers."""
+    return group(
+        "distillation from the dense model while fine-tuning (dsf_lightning.distill)",
+        flag("--distill", to="distill.kind", choices=kinds,
+             help="none (plain cross-entropy); logits: (1 - w) CE + w T^2 KL; "
+                  + ("squarehead: CE + w x the per-block normalized hidden-state MSE" if "squarehead" in kinds
+                     else "features: CE + w x the per-stage normalized feature MSE")),
+        flag("--distill-weight", to="distill.weight", type=float,
+             help="w: the KD share for logits (in [0, 1]), the layer terms' weight otherwise"),
+        flag("--distill-temperature", to="distill.temperature", type=float, help="T of the logit term"),
+        flag("--distill-logit-weight", to="distill.logit_weight", type=float,
+             help="a logit term's weight beside the layer terms (default 0: none)"),
+        flag("--teacher-dtype", to="distill.teacher_dtype", choices=tuple(TEACHER_DTYPES),
+             help="dtype the dense teacher is held in (default: the model's)"),
+    )
+
+
+def check_distill(distill: DistillConfig, kinds: tuple[str, ...], finetunes: bool) -> None:
+    """``ValueError`` unless ``distill.kind`` is one of the recipe's ``kinds`` and, when distilling, the run
+    fine-tunes (``finetunes``)."""
+    if distill.kind not in kinds:
+        raise ValueError(f"--distill {distill.kind!r} is not offered by this recipe; use one of {kinds}")
+    if distill.kind != "none" and not finetunes:
+        raise ValueError(f"--distill {distill.kind} distills while fine-tuning, and this run does not fine-tune")

@@ -13,14 +13,17 @@ from typing import Literal
 
 from dsf_lightning.config import PruneConfig
 from dsf_lightning.data.text import DATASETS, PAPER_SEQ_LEN
+from dsf_lightning.distill import DistillConfig
 from dsf_lightning.factorization import METHODS
 from dsf_lightning.models.causal_lm import DTYPES, SCHEDULES
 from dsf_lightning.recipes.cli import Config, ConfigParser, flag, group
-from dsf_lightning.recipes.sections import LoggingConfig, RunConfig, at_least, shared_flags
+from dsf_lightning.recipes.sections import LoggingConfig, RunConfig, at_least, distill_flags, shared_flags
 
-__all__ = ["FSDP_ONE_PROCESS", "STRATEGIES", "ExportConfig", "LLMFinetuneConfig", "LLMModelConfig", "LlamaRecipeConfig",
-           "TextDataConfig", "ZeroShotConfig", "llama_parser"]
+__all__ = ["DISTILL_KINDS", "FSDP_ONE_PROCESS", "STRATEGIES", "ExportConfig", "LLMFinetuneConfig", "LLMModelConfig",
+           "LlamaRecipeConfig", "TextDataConfig", "ZeroShotConfig", "llama_parser"]
 
+#: the distillation losses of a causal LM (``--distill``)
+DISTILL_KINDS: tuple[str, ...] = ("none", "logits", "squarehead")
 #: Lightning strategies the LLM recipe runs under (``None`` in the config: ``ddp`` on several devices).
 STRATEGIES: tuple[str, ...] = ("ddp", "auto", "fsdp")
 FSDP_ONE_PROCESS = ("--strategy fsdp shards the model across processes, and this run has one: give --devices N "
@@ -207,6 +210,7 @@ class LlamaRecipeConfig(Config):
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 DESCRIPTION = f"""\
@@ -299,6 +303,7 @@ def llama_parser() -> ConfigParser[LlamaRecipeConfig]:
             flag("--gradient-checkpointing", to="model.gradient_checkpointing", action="store_true",
                  help="recompute activations in the backward pass (less memory)"),
         ),
+        *distill_flags(DISTILL_KINDS),
         *group(
             "hardware and run",
             shared["--accelerator"], shared["--devices"], shared["--num-nodes"],

@@ -57,6 +57,7 @@ from dsf_lightning.data.text import (
     model_context,
     resolve_seq_len,
 )
+from dsf_lightning.distill import Distiller, distiller_for
 from dsf_lightning.models.causal_lm import (
     DTYPES,
     PACKED_FILE,
@@ -85,8 +86,14 @@ from dsf_lightning.recipes.common import (
     with_output_dir,
     write_config,
 )
-from dsf_lightning.recipes.llm.config import FSDP_ONE_PROCESS, STRATEGIES, LlamaRecipeConfig, llama_parser
-from dsf_lightning.recipes.sections import RunConfig
+from dsf_lightning.recipes.llm.config import (
+    DISTILL_KINDS,
+    FSDP_ONE_PROCESS,
+    STRATEGIES,
+    LlamaRecipeConfig,
+    llama_parser,
+)
+from dsf_lightning.recipes.sections import RunConfig, check_distill
 from dsf_lightning.runs.records import run_name, versions
 from dsf_lightning.zero_shot import check_tasks, zero_shot, zero_shot_protocol
 
@@ -220,14 +227,17 @@ def _prune(prepared: LlamaPrepared, model: nn.Module, device: torch.device, prog
                  progress=progress)
 
 
-def _finetune(prepared: LlamaPrepared, model: nn.Module, logger: Any, progress: bool) -> tuple[int, dict[str, Any]]:
-    """Fine-tune ``model`` in place (``Trainer`` + ``CausalLM``); returns the optimizer steps taken and the
-    fine-tune's memory figures (:class:`~dsf_lightning.callbacks.TrainingMemory`)."""
+def _finetune(prepared: LlamaPrepared, model: nn.Module, logger: Any, progress: bool,
+              distiller: Distiller | None) -> tuple[int, dict[str, Any]]:
+    """Fine-tune ``model`` in place (``Trainer`` + ``CausalLM``, distilling from ``distiller``'s dense teacher
+    if given); returns the optimizer steps taken and the fine-tune's memory figures
+    (:class:`~dsf_lightning.callbacks.TrainingMemory`)."""
     config = prepared.config
     ft, run = config.finetune, config.run
     module = CausalLM(model, lr=ft.lr, weight_decay=ft.weight_decay, warmup_steps=ft.warmup,
                       lr_schedule=ft.lr_schedule, min_lr_ratio=ft.min_lr_ratio,
-                      gradient_checkpointing=config.model.gradient_checkpointing, storage=config.prune.storage)
+                      gradient_checkpointing=config.model.gradient_checkpointing, storage=config.prune.storage,
+                      distiller=distiller)
     val = next(iter(prepared.evals.values())) if ft.val_every else None
     dm = TextDataModule(prepared.train, val, batch_size=ft.batch_size, num_workers=run.num_workers)
     trainer = pl.Trainer(
@@ -308,6 +318,7 @@ def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
             ppl["dense"] = _evaluate(prepared, model, device, progress)
             _log(logger, {f"dense/ppl/{n}": v for n, v in ppl["dense"].items()}, 0)
             _zero_shot(prepared, model, zs, "dense")
+        distiller = distiller_for(model, config.distill)  # the teacher: the dense model, copied before the prune
         start = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -321,7 +332,7 @@ def execute_llama(prepared: LlamaPrepared) -> dict[str, Any]:
         steps, finetune_memory = 0, {"storage": model_storage(model)}
         if ft.steps > 0:
             start = time.perf_counter()
-            steps, finetune_memory = _finetune(prepared, model, logger, progress)
+            steps, finetune_memory = _finetune(prepared, model, logger, progress, distiller)
             seconds["finetune_seconds"] = time.perf_counter() - start
             ppl["post_finetune"] = _evaluate(prepared, model, device, progress)
             _zero_shot(prepared, model, zs, "post_finetune")
@@ -375,6 +386,7 @@ def prepare_llama(config: LlamaRecipeConfig) -> LlamaPrepared:
         raise ValueError(f"--strategy {run.strategy!r} is not supported by the LLM recipe; use one of {STRATEGIES}")
     if run.strategy == "fsdp" and run.devices == 1 and run.num_nodes == 1:
         raise ValueError(FSDP_ONE_PROCESS)
+    check_distill(config.distill, DISTILL_KINDS, ft.steps > 0)
     if config.zero_shot.tasks:  # names known, data reachable (local, or the hub online): before any work
         try:
             check_tasks(config.zero_shot.tasks, config.zero_shot.tasks_path)

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from dsf_lightning.config import PruneConfig
+from dsf_lightning.distill import DistillConfig
 from dsf_lightning.recipes.cli import Config, ConfigParser, flag, group
-from dsf_lightning.recipes.sections import FinetuneConfig, LoggingConfig, RunConfig, shared_flags
+from dsf_lightning.recipes.sections import FinetuneConfig, LoggingConfig, RunConfig, distill_flags, shared_flags
 
 __all__ = [
+    "DISTILL_KINDS",
     "DATASETS",
     "DenseConfig",
     "ImageNetDataConfig",
@@ -31,6 +33,9 @@ __all__ = [
     "resnet20_parser",
     "resnet50_parser",
 ]
+
+#: the distillation losses of an image classifier (``--distill``)
+DISTILL_KINDS: tuple[str, ...] = ("none", "logits", "features")
 
 Dataset = Literal["digits", "cifar10"]
 DATASETS: tuple[Dataset, ...] = ("digits", "cifar10")
@@ -123,6 +128,7 @@ class ResNet20Config(Config):
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(max_epochs=50, lr=0.1, batch_size=128))
     run: RunConfig = field(default_factory=lambda: RunConfig(num_workers=4))
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 RESNET20_DESCRIPTION = """\
@@ -173,6 +179,7 @@ def resnet20_parser() -> ConfigParser[ResNet20Config]:
                       "(80 120 for 160)"),
         ),
         *shared_flags(),
+        *distill_flags(DISTILL_KINDS),
     ]
     return ConfigParser(ResNet20Config, flags, prog="resnet20_cifar10.py", description=RESNET20_DESCRIPTION,
                         epilog="example: python recipes/resnet20_cifar10.py --dataset cifar10 --data-dir data "
@@ -217,6 +224,7 @@ class ResNet50Config(Config):
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(max_epochs=20, lr=0.01, batch_size=256))
     run: RunConfig = field(default_factory=lambda: RunConfig(num_workers=8))
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 RESNET50_DESCRIPTION = """\
@@ -248,6 +256,7 @@ def resnet50_parser() -> ConfigParser[ResNet50Config]:
             flag("--num-classes", to="model.num_classes", type=int, help="classifier outputs"),
         ),
         *shared_flags(),
+        *distill_flags(DISTILL_KINDS),
     ]
     return ConfigParser(ResNet50Config, flags, prog="resnet50_imagenet.py", description=RESNET50_DESCRIPTION,
                         epilog="example: python recipes/resnet50_imagenet.py --data-dir /data/imagenet --density 0.1 "

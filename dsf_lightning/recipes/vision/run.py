@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dsf_lightning import __version__
+from dsf_lightning.distill import distiller_for
 from dsf_lightning.recipes.common import (
     Prepared,
     build_prune_callback,
@@ -30,7 +31,14 @@ from dsf_lightning.recipes.common import (
     write_config,
     write_results,
 )
-from dsf_lightning.recipes.vision.config import ResNet20Config, ResNet50Config, resnet20_parser, resnet50_parser
+from dsf_lightning.recipes.sections import check_distill
+from dsf_lightning.recipes.vision.config import (
+    DISTILL_KINDS,
+    ResNet20Config,
+    ResNet50Config,
+    resnet20_parser,
+    resnet50_parser,
+)
 from dsf_lightning.runs.records import run_name
 
 __all__ = [
@@ -61,6 +69,7 @@ def prepare_resnet20(config: ResNet20Config) -> Prepared:
     else:
         dm = DigitsDataModule(batch_size=config.finetune.batch_size, num_workers=run.num_workers, seed=run.seed,
                               image_size=data.image_size)
+    check_distill(config.distill, DISTILL_KINDS, True)
     callback = build_prune_callback(config)
     model = f"resnet20-{config.model.width}"
     config = with_output_dir(config, model, data.dataset)
@@ -90,7 +99,8 @@ def execute_resnet20(prepared: Prepared) -> dict[str, Any]:
         result["dense_seconds"] = time.perf_counter() - t
     pl.seed_everything(config.run.seed, workers=True)
     module = ImageClassifier(prepared.backbone, dm.num_classes, lr=ft.lr, momentum=ft.momentum,
-                             nesterov=ft.nesterov, weight_decay=ft.weight_decay, lr_schedule="linear")
+                             nesterov=ft.nesterov, weight_decay=ft.weight_decay, lr_schedule="linear",
+                             distiller=distiller_for(prepared.backbone, config.distill))  # teacher: the dense one
     return _finetune(prepared, module, result)
 
 
@@ -142,6 +152,7 @@ def prepare_resnet50(config: ResNet50Config) -> Prepared:
 
     dm = ImageNetDataModule(config.data.data_dir, batch_size=config.finetune.batch_size,
                             num_workers=config.run.num_workers, num_classes=config.model.num_classes)
+    check_distill(config.distill, DISTILL_KINDS, True)
     callback = build_prune_callback(config)
     config = with_output_dir(config, "resnet50", "imagenet")
     pl.seed_everything(config.run.seed, workers=True)
@@ -157,7 +168,8 @@ def execute_resnet50(prepared: Prepared) -> dict[str, Any]:
     ft = config.finetune
     write_config(config, config.logging.output_dir)
     module = ImageClassifier(prepared.backbone, config.model.num_classes, lr=ft.lr, momentum=ft.momentum,
-                             nesterov=ft.nesterov, weight_decay=ft.weight_decay, lr_schedule="linear")
+                             nesterov=ft.nesterov, weight_decay=ft.weight_decay, lr_schedule="linear",
+                             distiller=distiller_for(prepared.backbone, config.distill))  # teacher: the dense one
     return _finetune(prepared, module, {"config": config.to_dict()})
 
 
