@@ -7,6 +7,10 @@ several processes (``--only`` splits the work) and printed at the end:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_table.py --output-dir runs/table1 --only magnitude wanda
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_table.py --output-dir runs/table1 --print
+    # extra flags go to every run, e.g. zero-shot tasks; --zero-shot prints their table too
+    .venv/bin/python benchmarks/llm_table.py --output-dir runs/zs --only magnitude --densities 0.5 \
+        --eval-tasks wiki_next_sentence --eval-tasks wiki_cloze --eval-tasks-path tasks/
+    .venv/bin/python benchmarks/llm_table.py --output-dir runs/zs --densities 0.5 --print --zero-shot
 
 Rows: ``dense``, the baselines, DSF with its defaults, DSF without finalization (``finalize: []``),
 DSF with the paper's fixed mask (``fixed_mask: true``), DSF refitting only the output-side factor (the
@@ -82,12 +86,40 @@ def table(out: Path, densities: list[float]) -> str:
     return "\n".join(lines)
 
 
+def zero_shot_table(out: Path, density: float) -> str:
+    """Zero-shot accuracy +- stderr per task (runs made with ``--eval-tasks``): dense, then every method at
+    ``density``."""
+    results = {row: json.loads((run_dir(out, row, density) / "results.json").read_text())
+               for row in ROWS if (run_dir(out, row, density) / "results.json").exists()}
+    results = {row: r for row, r in results.items() if r.get("zero_shot")}
+    if not results:
+        return "no zero-shot runs yet"
+    dense = next((r["zero_shot"]["dense"] for r in results.values() if "dense" in r["zero_shot"]), None)
+    tasks = list(next(iter(results.values()))["zero_shot"]["pre_finetune"])
+    cols = [(t, m) for t in tasks for m in ("acc", "acc_norm") if m in next(iter(results.values()))[
+        "zero_shot"]["pre_finetune"][t]]
+    lines = ["| model | " + " | ".join(f"{t} {m}" for t, m in cols) + " | mean acc |",
+             "|---|" + "---:|" * (len(cols) + 1)]
+
+    def row(name: str, scores: dict) -> str:
+        cells = [f"{100 * scores[t][m]:.1f} +- {100 * scores[t][m + '_stderr']:.1f}" for t, m in cols]
+        mean = sum(scores[t]["acc"] for t in tasks) / len(tasks)
+        return f"| {name} | " + " | ".join(cells) + f" | {100 * mean:.1f} |"
+
+    if dense is not None:
+        lines.append(row("dense", dense))
+    lines += [row(f"{name} {density:g}", r["zero_shot"]["pre_finetune"]) for name, r in results.items()]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="runs/table1")
     p.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.4, 0.3])
     p.add_argument("--only", nargs="+", choices=list(ROWS), default=list(ROWS), help="rows to run")
     p.add_argument("--print", action="store_true", help="only print the table of the runs done so far")
+    p.add_argument("--zero-shot", action="store_true",
+                   help="also print the zero-shot table (runs made with --eval-tasks) at the first density")
     args, extra = p.parse_known_args()
     out = Path(args.output_dir)
     if not args.print:
@@ -95,6 +127,8 @@ def main() -> None:
             for d in args.densities:
                 run(out, row, d, extra)
     print(table(out, args.densities))
+    if args.zero_shot:
+        print(zero_shot_table(out, args.densities[0]))
 
 
 if __name__ == "__main__":
