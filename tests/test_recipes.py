@@ -161,11 +161,11 @@ def test_resnet20_real_tiny_run_wandb_offline(tmp_path):
     assert rec["run"]["name"] == "resnet20-16-dsf-d0.2-s3"
     assert rec["run"]["group"] == "resnet20-16-digits" and rec["run"]["project"] == "dsf-digits"
     assert set(rec["run"]["tags"]) == {"resnet20-16", "dsf", "density=0.2", "allocation=uniform",
-                                       "dsf+outer_iters=2"}
+                                       "dsf+distill=features+outer_iters=2"}  # a distilling run: its own variant
     written = json.load(open(out / "results.json"))
     assert rec["config"]["identity"] == written["identity"] == {
         "model": "resnet20-16", "method": "dsf", "density": 0.2, "seed": 3, "allocation": "uniform",
-        "options": json.loads(FAST)}
+        "options": {**json.loads(FAST), "distill": "features"}}
     # the summary holds every stage's metrics, the prune time, nnz and the package version
     summ = rec["summary"]
     assert summ["pre_finetune/val_acc"] == written["metrics"]["pre_finetune/val_acc"]  # the same floats

@@ -67,9 +67,13 @@ def wandb_has_credentials() -> bool:
 
 
 def identity(config: RecipeConfig, model: str) -> dict[str, Any]:
-    """The run's :func:`~dsf_lightning.runs.records.run_identity` from its prune section and seed."""
+    """The run's :func:`~dsf_lightning.runs.records.run_identity` from its prune section and seed; a distilling
+    fine-tune is a variant of its own (``distill`` among the options: ``dsf+distill=logits`` in dsf-compare)."""
     p = config.prune
-    return run_identity(model, p.method, p.density, config.run.seed, p.allocation, dict(p.factorization_options))
+    options = dict(p.factorization_options)
+    if config.distill.kind != "none":
+        options["distill"] = config.distill.kind
+    return run_identity(model, p.method, p.density, config.run.seed, p.allocation, options)
 
 
 def make_wandb_logger(config: RecipeConfig, *, task: str, group: str, job_type: str,

@@ -143,6 +143,7 @@ class RecipeConfig(Protocol):
     finetune: FinetuneConfig
     run: RunConfig
     logging: LoggingConfig
+    distill: DistillConfig
 
     def to_dict(self) -> dict[str, Any]: ...
 
