@@ -12,6 +12,7 @@ relaunches ``sys.argv`` for rank 1, so the patch is applied in both processes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -431,3 +432,5 @@ def test_image_classifier_schedules():
     assert step == pytest.approx([0.1] * 4 + [0.01] * 8 + [0.001] * 4)
     lin = lrs("linear", 2)  # 8 steps: 0.1 * (1 - s/8)
     assert lin == pytest.approx([0.1 * (1 - s / 8) for s in range(8)])
+    cos = lrs("cosine", 2)  # 8 steps: 0.1 * (1 + cos(pi s/8)) / 2
+    assert cos == pytest.approx([0.05 * (1 + math.cos(math.pi * s / 8)) for s in range(8)])

@@ -22,10 +22,9 @@ the pruned model.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -35,15 +34,14 @@ from torchmetrics.aggregation import MeanMetric
 
 from dsf_lightning.data.offline import hub_offline
 from dsf_lightning.distill import Distiller
+from dsf_lightning.models.schedules import SCHEDULES, Schedule, lr_factor
 from dsf_lightning.models.sharding import is_fully_sharded, shard_by_block, sharding_mesh
 from dsf_lightning.modules import Storage, check_storage, set_storage
 from dsf_lightning.persistence.structure import CHECKPOINT_KEY, PrunedCheckpointMixin, pruned_modules, structure_spec
 
-__all__ = ["PACKED_FILE", "CausalLM", "TokenPerplexity", "load_causal_lm", "load_packed_causal_lm", "lr_factor",
-           "model_short_name", "set_activation_checkpointing"]
+__all__ = ["PACKED_FILE", "SCHEDULES", "CausalLM", "TokenPerplexity", "load_causal_lm", "load_packed_causal_lm",
+           "lr_factor", "model_short_name", "set_activation_checkpointing"]
 
-Schedule = Literal["cosine", "linear", "constant"]
-SCHEDULES: tuple[Schedule, ...] = ("cosine", "linear", "constant")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: The packed file in a folder of the LLM recipe's ``packed/`` export (beside config.json and the tokenizer).
 PACKED_FILE = "dsf-packed.safetensors"
@@ -56,18 +54,6 @@ class TokenPerplexity(MeanMetric):
 
     def compute(self) -> Tensor:
         return super().compute().exp()
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: Schedule, min_ratio: float = 0.0) -> float:
-    """Learning-rate multiplier at optimizer step ``step`` (0-based) of ``total``: ``(step + 1) / warmup``
-    during the ``warmup`` steps, then from 1 down to ``min_ratio`` at ``total`` (cosine or linear), or 1."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-    return min_ratio + (1.0 - min_ratio) * shape
 
 
 def _input_ids(batch: Any) -> tuple[Tensor, Tensor | None]:

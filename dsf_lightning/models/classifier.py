@@ -10,6 +10,7 @@ Training: cross-entropy, SGD (momentum, optional Nesterov, weight decay). Schedu
   dense CIFAR training (160 epochs, x0.1 at 80 and 120);
 * ``"linear"``: decay linearly from ``lr`` to zero over all optimizer steps of the run
   (``trainer.estimated_stepping_batches``), updated every step -- the fine-tuning after pruning;
+* ``"cosine"``: from ``lr`` to zero along a half cosine over the same steps;
 * ``"constant"``: no schedule.
 
 Validation logs ``val_loss``, ``val_acc`` (top-1) and ``val_acc5`` (top-5, or top-``num_classes``
@@ -30,11 +31,12 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from dsf_lightning.distill import Distiller
+from dsf_lightning.models.schedules import lr_factor
 from dsf_lightning.persistence.structure import PrunedCheckpointMixin
 
 __all__ = ["ImageClassifier"]
 
-Schedule = Literal["step", "linear", "constant"]
+Schedule = Literal["step", "linear", "cosine", "constant"]
 
 
 class ImageClassifier(PrunedCheckpointMixin, pl.LightningModule):
@@ -49,8 +51,8 @@ class ImageClassifier(PrunedCheckpointMixin, pl.LightningModule):
         num_classes: number of classes (for the accuracy metrics).
         lr: initial learning rate.
         momentum, nesterov, weight_decay: of ``torch.optim.SGD`` (weight decay on every parameter).
-        lr_schedule: ``"step"`` (x ``gamma`` at ``milestones`` epochs), ``"linear"`` (to zero over the
-            run, per step) or ``"constant"``.
+        lr_schedule: ``"step"`` (x ``gamma`` at ``milestones`` epochs), ``"linear"`` or ``"cosine"`` (to zero
+            over the run, per step; :func:`~dsf_lightning.models.schedules.lr_factor`) or ``"constant"``.
         milestones: epochs of the step schedule.
         gamma: factor of the step schedule.
         label_smoothing: of the cross-entropy loss.
@@ -76,8 +78,8 @@ class ImageClassifier(PrunedCheckpointMixin, pl.LightningModule):
         distiller: Distiller | None = None,
     ) -> None:
         super().__init__()
-        if lr_schedule not in ("step", "linear", "constant"):
-            raise ValueError(f"lr_schedule must be 'step', 'linear' or 'constant', got {lr_schedule!r}")
+        if lr_schedule not in ("step", "linear", "cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'step', 'linear', 'cosine' or 'constant', got {lr_schedule!r}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if nesterov and momentum <= 0:
@@ -143,5 +145,5 @@ class ImageClassifier(PrunedCheckpointMixin, pl.LightningModule):
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(h.milestones), gamma=h.gamma)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, 0, h.lr_schedule))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         pruned = resnet20(num_classes=dm.num_classes, width=opts.width)
         pruned.load_state_dict(dense_state)
         module = ImageClassifier(pruned, dm.num_classes, lr=ft.lr, momentum=ft.momentum,
-                                 weight_decay=ft.weight_decay, lr_schedule="linear")
+                                 weight_decay=ft.weight_decay, lr_schedule=ft.lr_schedule)
         t = time.perf_counter()
         metrics, _ = prune_and_finetune(run_config, module, dm, callback, model=model, dataset="digits",
                                         checkpoint_dir=None)

@@ -57,6 +57,7 @@ class FinetuneConfig:
         momentum, nesterov, weight_decay: of SGD (weight decay on every parameter).
         bn_recalibration_batches: ``N > 0``: re-estimate the BatchNorm statistics on ``N`` train
             batches after the prune (logged as ``bn_recalibrated/*``).
+        lr_schedule: the decay to zero over the fine-tuning steps: ``linear`` (the paper's) or ``cosine``.
     """
 
     max_epochs: int
@@ -66,8 +67,11 @@ class FinetuneConfig:
     nesterov: bool = False
     weight_decay: float = 1e-4
     bn_recalibration_batches: int = 0
+    lr_schedule: Literal["linear", "cosine"] = "linear"
 
     def __post_init__(self) -> None:
+        if self.lr_schedule not in ("linear", "cosine"):
+            raise ValueError(f"lr_schedule must be 'linear' or 'cosine', got {self.lr_schedule!r}")
         at_least(self, "max_epochs", 1)
         at_least(self, "batch_size", 1)
         at_least(self, "bn_recalibration_batches", 0)
@@ -211,7 +215,9 @@ def shared_flags() -> list[Flag]:
         *group(
             "fine-tuning",
             flag("--max-epochs", to="finetune.max_epochs", type=int, help="fine-tuning epochs after pruning"),
-            flag("--lr", to="finetune.lr", type=float, help="initial fine-tuning learning rate (linear decay to zero)"),
+            flag("--lr", to="finetune.lr", type=float, help="initial fine-tuning learning rate (decaying to zero)"),
+            flag("--lr-schedule", to="finetune.lr_schedule", choices=("linear", "cosine"),
+                 help="the decay to zero over the fine-tuning steps: linear (the paper's) or cosine"),
             flag("--momentum", to="finetune.momentum", type=float, help="SGD momentum"),
             flag("--nesterov", to="finetune.nesterov", action="store_true", help="Nesterov momentum"),
             flag("--weight-decay", to="finetune.weight_decay", type=float, help="SGD weight decay (all parameters)"),

@@ -99,7 +99,7 @@ def execute_resnet20(prepared: Prepared) -> dict[str, Any]:
         result["dense_seconds"] = time.perf_counter() - t
     pl.seed_everything(config.run.seed, workers=True)
     module = ImageClassifier(prepared.backbone, dm.num_classes, lr=ft.lr, momentum=ft.momentum,
-                             nesterov=ft.nesterov, weight_decay=ft.weight_decay, lr_schedule="linear",
+                             nesterov=ft.nesterov, weight_decay=ft.weight_decay, lr_schedule=ft.lr_schedule,
                              distiller=distiller_for(prepared.backbone, config.distill))  # teacher: the dense one
     return _finetune(prepared, module, result)
 
@@ -168,7 +168,7 @@ def execute_resnet50(prepared: Prepared) -> dict[str, Any]:
     ft = config.finetune
     write_config(config, config.logging.output_dir)
     module = ImageClassifier(prepared.backbone, config.model.num_classes, lr=ft.lr, momentum=ft.momentum,
-                             nesterov=ft.nesterov, weight_decay=ft.weight_decay, lr_schedule="linear",
+                             nesterov=ft.nesterov, weight_decay=ft.weight_decay, lr_schedule=ft.lr_schedule,
                              distiller=distiller_for(prepared.backbone, config.distill))  # teacher: the dense one
     return _finetune(prepared, module, {"config": config.to_dict()})
 
