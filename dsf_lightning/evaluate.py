@@ -65,12 +65,11 @@ def run_record(folder: str | os.PathLike) -> dict[str, Any] | None:
 def _identity(folder: Path, model: nn.Module, record: dict[str, Any] | None) -> dict[str, Any]:
     if record is not None:
         return record["identity"]
-    modules = structure_spec(model)["modules"]
-    if not modules:
+    spec, layers = structure_spec(model)["modules"], [m for _, m in pruned_modules(model)]
+    if not layers:
         return run_identity(model_short_name(str(folder)), "dense", 1.0, None)
-    methods = sorted({str(m["method"]) for m in modules})
-    nnz = sum(m.nnz for _, m in pruned_modules(model))
-    numel = sum(m.out_dim * m.fan_in for _, m in pruned_modules(model))
+    methods = sorted({str(m["method"]) for m in spec})
+    nnz, numel = sum(m.nnz for m in layers), sum(m.out_dim * m.fan_in for m in layers)
     return run_identity(model_short_name(str(folder)), "+".join(methods), round(nnz / numel, 4), None)
 
 

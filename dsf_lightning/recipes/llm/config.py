@@ -30,6 +30,12 @@ FSDP_ONE_PROCESS = ("--strategy fsdp shards the model across processes, and this
                     "(N > 1) or --num-nodes, or use --strategy ddp/auto")
 
 
+
+def _check_dtype(name: str, value: str) -> None:
+    """``ValueError`` naming the field unless ``value`` is a dtype name of :data:`DTYPES`."""
+    if value not in DTYPES:
+        raise ValueError(f"{name} must be one of {tuple(DTYPES)}, got {value!r}")
+
 @dataclass(frozen=True)
 class LLMModelConfig:
     """The causal LM.
@@ -47,8 +53,7 @@ class LLMModelConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        _check_dtype("dtype", self.dtype)
 
 
 @dataclass(frozen=True)
@@ -163,8 +168,7 @@ class ExportConfig:
     packed_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
 
     def __post_init__(self) -> None:
-        if self.packed_dtype not in DTYPES:
-            raise ValueError(f"packed_dtype must be one of {tuple(DTYPES)}, got {self.packed_dtype!r}")
+        _check_dtype("packed_dtype", self.packed_dtype)
 
 
 @dataclass(frozen=True)
