@@ -16,6 +16,8 @@ Two parts:
         --eval-samples 128 --finetune-steps 0 --no-save-merged --packed-dtype float32 --output-dir DIR \\
         --eval wikipedia --eval-text lee_background.txt
     OMP_NUM_THREADS=1 python benchmarks/distill_finetune.py finetune --pruned DIR --steps 64
+    OMP_NUM_THREADS=1 python benchmarks/distill_finetune.py finetune --pruned DIR --losses none --steps 32 64 128 \\
+        --lr-schedules cosine linear
     OMP_NUM_THREADS=1 python benchmarks/distill_finetune.py step-time --pruned DIR --seq-len 512 --batch 2
 """
 
@@ -43,6 +45,7 @@ from dsf_lightning.data.text import (
 )
 from dsf_lightning.distill import DistillConfig, distiller_for
 from dsf_lightning.models.causal_lm import CausalLM, load_causal_lm, load_packed_causal_lm
+from dsf_lightning.models.schedules import SCHEDULES, Schedule
 from dsf_lightning.perplexity import perplexity
 
 #: the losses compared: ``name -> DistillConfig``
@@ -66,10 +69,11 @@ class StepTimes(pl.Callback):
 
 
 def fit(pruned: torch.nn.Module, dense: torch.nn.Module, loss: str, train: torch.Tensor, *, steps: int,
-        batch: int, lr: float, warmup: int, seed: int) -> tuple[torch.nn.Module, list[float], dict[str, float]]:
+        batch: int, lr: float, warmup: int, seed: int, schedule: Schedule = "cosine",
+        ) -> tuple[torch.nn.Module, list[float], dict[str, float]]:
     """A copy of ``pruned`` fine-tuned ``steps`` AdamW steps with ``loss``; its step times and last logged terms."""
     model = copy.deepcopy(pruned)
-    module = CausalLM(model, lr=lr, warmup_steps=warmup, lr_schedule="cosine",
+    module = CausalLM(model, lr=lr, warmup_steps=warmup, lr_schedule=schedule,
                       distiller=distiller_for(dense, LOSSES[loss]))
     times = StepTimes()
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, max_epochs=-1, gradient_clip_val=1.0, logger=False,
@@ -92,21 +96,26 @@ def finetune(args: argparse.Namespace) -> None:
     run, pruned, dense, tok = setup(Path(args.pruned))
     data = run["config"]["data"]
     seq_len, seed = data["seq_len"], run["config"]["prune"]["seed"]
-    cap = max(4 * data["calibration_samples"], args.steps * args.batch) * seq_len  # the recipe's rule
+    cap = max(4 * data["calibration_samples"], max(args.steps) * args.batch) * seq_len  # the recipe's rule
     _, stream = calibration_windows(tok, calibration_source(data["calibration"], data["calibration_text"]), seq_len,
                                     data["calibration_samples"], seed, max_tokens=cap)
     train = consecutive_windows(stream, seq_len)
     evals = {s.name: eval_windows(tok, s, seq_len, data["eval_samples"])[0]
              for s in eval_sources(data["eval"], data["eval_text"])}
     rows = {}
-    for loss in args.losses:
-        model, seconds, logged = fit(pruned, dense, loss, train, steps=args.steps, batch=args.batch, lr=args.lr,
-                                     warmup=args.warmup, seed=args.seed)
-        ppl = {n: perplexity(model, w, batch_size=4).perplexity for n, w in evals.items()}
-        rows[loss] = {"perplexity": ppl, "step_seconds": statistics.median(seconds[1:]), "logged": logged}
-        print(loss, json.dumps(rows[loss]), flush=True)
+    for steps in args.steps:
+        for schedule in args.lr_schedules:
+            for loss in args.losses:
+                warmup = args.warmup if args.warmup is not None else steps // 10  # the recipe's default
+                model, seconds, logged = fit(pruned, dense, loss, train, steps=steps, batch=args.batch, lr=args.lr,
+                                             warmup=warmup, seed=args.seed, schedule=schedule)
+                ppl = {n: perplexity(model, w, batch_size=4).perplexity for n, w in evals.items()}
+                key = f"{loss} {schedule} {steps}"
+                rows[key] = {"loss": loss, "lr_schedule": schedule, "steps": steps, "warmup": warmup,
+                             "perplexity": ppl, "step_seconds": statistics.median(seconds[1:]), "logged": logged}
+                print(key, json.dumps(rows[key]), flush=True)
     out = {"run": str(args.pruned), "dense": run["perplexity"]["dense"], "one_shot": run["perplexity"]["pre_finetune"],
-           "steps": args.steps, "batch": args.batch, "seq_len": seq_len, "lr": args.lr, "warmup": args.warmup,
+           "batch": args.batch, "seq_len": seq_len, "lr": args.lr,
            "losses": {k: asdict(LOSSES[k]) for k in args.losses}, "train_windows": train.shape[0], "rows": rows}
     Path(args.output).write_text(json.dumps(out, indent=2))
     print(table(out))
@@ -130,11 +139,11 @@ def table(out: dict[str, Any]) -> str:
 def step_time(args: argparse.Namespace) -> None:
     _, pruned, dense, _ = setup(Path(args.pruned))
     torch.manual_seed(0)
-    train = torch.randint(0, pruned.config.vocab_size, (args.batch * args.steps, args.seq_len))
+    train = torch.randint(0, pruned.config.vocab_size, (args.batch * args.steps[0], args.seq_len))
     times: dict[str, list[float]] = {k: [] for k in args.losses}
     for _ in range(args.rounds):  # interleaved: drift in the machine's speed hits every loss alike
         for loss in args.losses:
-            _, seconds, _ = fit(pruned, dense, loss, train, steps=args.steps, batch=args.batch, lr=1e-4, warmup=0,
+            _, seconds, _ = fit(pruned, dense, loss, train, steps=args.steps[0], batch=args.batch, lr=1e-4, warmup=0,
                                 seed=0)
             times[loss] += seconds[1:]
     base = statistics.median(times["none"])
@@ -148,10 +157,12 @@ def main() -> None:
     p.add_argument("part", choices=("finetune", "step-time"))
     p.add_argument("--pruned", required=True, help="a recipe run's output dir (packed/ in float32, results.json)")
     p.add_argument("--losses", nargs="+", choices=tuple(LOSSES), default=list(LOSSES))
-    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--steps", type=int, nargs="+", default=[64], help="finetune: one fine-tune per entry")
+    p.add_argument("--lr-schedules", nargs="+", choices=SCHEDULES, default=["cosine"],
+                   help="finetune: one fine-tune per entry")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps; default: 10%% of the steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seq-len", type=int, default=512, help="step-time only")
     p.add_argument("--rounds", type=int, default=2, help="step-time only")
