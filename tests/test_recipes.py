@@ -434,3 +434,17 @@ def test_image_classifier_schedules():
     assert lin == pytest.approx([0.1 * (1 - s / 8) for s in range(8)])
     cos = lrs("cosine", 2)  # 8 steps: 0.1 * (1 + cos(pi s/8)) / 2
     assert cos == pytest.approx([0.05 * (1 + math.cos(math.pi * s / 8)) for s in range(8)])
+
+
+def test_limit_train_batches_shortens_training_only():
+    """A short fine-tune is still scored on the whole validation set; --limit-batches alone cuts both."""
+    from dsf_lightning.recipes.common import make_trainer
+
+    def limits(*flags):
+        config = resnet20_parser().parse(["--accelerator", "cpu", "--num-workers", "0", *flags])
+        t = make_trainer(config, max_epochs=1, callbacks=[], logger=None, checkpoint_dir=None)
+        return t.limit_train_batches, t.limit_val_batches
+
+    assert limits("--limit-train-batches", "11") == (11, 1.0)
+    assert limits("--limit-batches", "3") == (3, 3)
+    assert limits("--limit-batches", "3", "--limit-train-batches", "11") == (11, 3)

@@ -142,11 +142,12 @@ def make_trainer(config: RecipeConfig, *, max_epochs: int, callbacks: Sequence[C
                                    mode="max", save_top_k=1, save_last=True))
     if logger is not None:
         cbs.append(LearningRateMonitor(logging_interval="epoch"))
+    limit_train = run.limit_batches if run.limit_train_batches is None else run.limit_train_batches
     return pl.Trainer(
         accelerator=run.accelerator, devices=run.devices, num_nodes=run.num_nodes, strategy=strategy,
         precision=precision, max_epochs=max_epochs, logger=logger if logger is not None else False,
         callbacks=cbs, enable_checkpointing=checkpoints, fast_dev_run=run.fast_dev_run, num_sanity_val_steps=0,
-        log_every_n_steps=10, limit_train_batches=run.limit_batches, limit_val_batches=run.limit_batches,
+        log_every_n_steps=10, limit_train_batches=limit_train, limit_val_batches=run.limit_batches,
         enable_progress_bar=run.progress_bar, enable_model_summary=False, default_root_dir=config.logging.output_dir)
 
 

@@ -91,6 +91,8 @@ class RunConfig:
         seed: of initialization and data order (the prune's seed is ``prune.seed``).
         fast_dev_run: one batch of each stage (Lightning disables loggers and checkpoints).
         limit_batches: at most this many train and val batches per epoch; ``None``: all.
+        limit_train_batches: at most this many train batches per epoch, over ``limit_batches`` for training
+            only (short fine-tunes still validated on the whole validation set); ``None``: ``limit_batches``.
         progress_bar: Lightning's progress bar (and the prune's progress over layers).
     """
 
@@ -103,6 +105,7 @@ class RunConfig:
     seed: int = 0
     fast_dev_run: bool = False
     limit_batches: int | None = None
+    limit_train_batches: int | None = None
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
@@ -112,6 +115,7 @@ class RunConfig:
         at_least(self, "num_nodes", 1)
         at_least(self, "seed", 0)
         at_least(self, "limit_batches", 1, allow_none=True)
+        at_least(self, "limit_train_batches", 1, allow_none=True)
 
 
 @dataclass(frozen=True)
@@ -240,6 +244,9 @@ def shared_flags() -> list[Flag]:
                       "for it)"),
             flag("--limit-batches", to="run.limit_batches", type=int,
                  help="use at most N train and N val batches per epoch (quick real runs)"),
+            flag("--limit-train-batches", to="run.limit_train_batches", type=int,
+                 help="use at most N train batches per epoch (over --limit-batches for training only: short "
+                      "fine-tunes scored on the whole validation set)"),
             flag("--output-dir", to="logging.output_dir",
                  help="checkpoints, config.yaml and results.json; default: lightning_logs/<group>/<run name>"),
             flag("--wandb", to="logging.wandb", choices=WANDB_MODES,

@@ -392,8 +392,9 @@ def prepare_llama(config: LlamaRecipeConfig) -> LlamaPrepared:
             check_tasks(config.zero_shot.tasks, config.zero_shot.tasks_path)
         except ImportError as e:
             raise ValueError(f"--eval-tasks: {e}") from e
-    if run.fast_dev_run or run.limit_batches is not None:
-        raise ValueError("run.fast_dev_run and run.limit_batches are not used by the LLM recipe: quick runs use "
+    if run.fast_dev_run or run.limit_batches is not None or run.limit_train_batches is not None:
+        raise ValueError("run.fast_dev_run, run.limit_batches and run.limit_train_batches are not used by the LLM "
+                         "recipe: quick runs use "
                          "--finetune-steps, --calibration-samples, --eval-samples and --seq-len")
     world = run.devices * run.num_nodes if isinstance(run.devices, int) else None
     if world is not None and world > data.calibration_samples:
