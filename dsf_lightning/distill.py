@@ -32,11 +32,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from dsf_lightning.dtypes import DTYPES, DTypeName, dtype_named
+
 __all__ = ["KINDS", "DistillConfig", "Distiller", "default_layers", "distiller_for", "logit_kd", "normalized_mse"]
 
 #: the distillation losses: none, logits (KD), squarehead (LLM hidden states), features (CNN stage outputs)
 KINDS = ("none", "logits", "squarehead", "features")
-TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class DistillConfig:
     weight: float = 1.0
     temperature: float = 1.0
     logit_weight: float = 0.0
-    teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    teacher_dtype: DTypeName | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -68,8 +69,8 @@ class DistillConfig:
             raise ValueError(f"distill weight must be in {valid} for kind {self.kind!r}, got {self.weight}")
         if not self.logit_weight >= 0:
             raise ValueError(f"distill logit_weight must be >= 0, got {self.logit_weight}")
-        if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
-            raise ValueError(f"teacher_dtype must be one of {tuple(TEACHER_DTYPES)}, got {self.teacher_dtype!r}")
+        if self.teacher_dtype is not None:
+            dtype_named(self.teacher_dtype, "teacher_dtype")
         if self.logit_weight > 0 and self.kind in ("none", "logits"):
             raise ValueError(f"distill logit_weight is the logit term beside squarehead/features; kind "
                              f"{self.kind!r} {'has no teacher' if self.kind == 'none' else 'uses weight'}")
@@ -165,7 +166,7 @@ class Distiller:
         self.config = config
         self.teacher = teacher.eval().requires_grad_(False)
         if config.teacher_dtype is not None:
-            self.teacher.to(TEACHER_DTYPES[config.teacher_dtype])
+            self.teacher.to(DTYPES[config.teacher_dtype])
         self.dtype = next(self.teacher.parameters()).dtype
         self.layers = list(layers) if layers is not None else default_layers(teacher, config.kind)
         if config.kind == "logits":

@@ -32,8 +32,8 @@ from torch import nn
 
 from dsf_lightning import __version__
 from dsf_lightning.data.text import DATASETS, eval_sources, eval_windows, model_context, resolve_seq_len
+from dsf_lightning.dtypes import DTYPES, dtype_named
 from dsf_lightning.models.causal_lm import (
-    DTYPES,
     PACKED_FILE,
     load_causal_lm,
     load_packed_causal_lm,
@@ -123,8 +123,7 @@ def evaluate_folder(folder: str | os.PathLike, *, tasks: Sequence[str] | None = 
     else:
         sources = []
     dtype = dtype or cfg.get("model", {}).get("dtype", "float32")
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    dtype_named(dtype, "--dtype")
     if stage is not None and stage not in STAGES:
         raise ValueError(f"--stage must be one of {STAGES}, got {stage!r}")
     model, tokenizer = _load(folder, dtype)

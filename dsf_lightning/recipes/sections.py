@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from dsf_lightning.config import PruneConfig
-from dsf_lightning.distill import TEACHER_DTYPES, DistillConfig
+from dsf_lightning.distill import DistillConfig
+from dsf_lightning.dtypes import DTYPES
 from dsf_lightning.factorization import check_density
 from dsf_lightning.modules import STORAGES
 from dsf_lightning.pipeline.allocation import ALLOCATIONS
@@ -277,7 +278,7 @@ def distill_flags(kinds: tuple[str, ...]) -> list[Flag]:
         flag("--distill-temperature", to="distill.temperature", type=float, help="T of the logit term"),
         flag("--distill-logit-weight", to="distill.logit_weight", type=float,
              help="a logit term's weight beside the layer terms (default 0: none)"),
-        flag("--teacher-dtype", to="distill.teacher_dtype", choices=tuple(TEACHER_DTYPES),
+        flag("--teacher-dtype", to="distill.teacher_dtype", choices=tuple(DTYPES),
              help="dtype the dense teacher is held in (default: the model's)"),
     )
 

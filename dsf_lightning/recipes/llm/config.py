@@ -14,8 +14,9 @@ from typing import Literal
 from dsf_lightning.config import PruneConfig
 from dsf_lightning.data.text import DATASETS, PAPER_SEQ_LEN
 from dsf_lightning.distill import DistillConfig
+from dsf_lightning.dtypes import DTYPES, dtype_named
 from dsf_lightning.factorization import METHODS
-from dsf_lightning.models.causal_lm import DTYPES, SCHEDULES
+from dsf_lightning.models.causal_lm import SCHEDULES
 from dsf_lightning.recipes.cli import Config, ConfigParser, flag, group
 from dsf_lightning.recipes.sections import LoggingConfig, RunConfig, at_least, distill_flags, shared_flags
 
@@ -29,12 +30,6 @@ STRATEGIES: tuple[str, ...] = ("ddp", "auto", "fsdp")
 FSDP_ONE_PROCESS = ("--strategy fsdp shards the model across processes, and this run has one: give --devices N "
                     "(N > 1) or --num-nodes, or use --strategy ddp/auto")
 
-
-
-def _check_dtype(name: str, value: str) -> None:
-    """``ValueError`` naming the field unless ``value`` is a dtype name of :data:`DTYPES`."""
-    if value not in DTYPES:
-        raise ValueError(f"{name} must be one of {tuple(DTYPES)}, got {value!r}")
 
 @dataclass(frozen=True)
 class LLMModelConfig:
@@ -53,7 +48,7 @@ class LLMModelConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        _check_dtype("dtype", self.dtype)
+        dtype_named(self.dtype, "dtype")
 
 
 @dataclass(frozen=True)
@@ -168,7 +163,7 @@ class ExportConfig:
     packed_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
 
     def __post_init__(self) -> None:
-        _check_dtype("packed_dtype", self.packed_dtype)
+        dtype_named(self.packed_dtype, "packed_dtype")
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,8 @@ from dsf_lightning.data.text import (
     resolve_seq_len,
 )
 from dsf_lightning.distill import Distiller, distiller_for
+from dsf_lightning.dtypes import DTYPES
 from dsf_lightning.models.causal_lm import (
-    DTYPES,
     PACKED_FILE,
     CausalLM,
     load_causal_lm,
