@@ -19,6 +19,8 @@ Two parts:
     OMP_NUM_THREADS=1 python benchmarks/distill_finetune.py finetune --pruned DIR --losses none --steps 32 64 128 \\
         --lr-schedules cosine linear
     OMP_NUM_THREADS=1 python benchmarks/distill_finetune.py step-time --pruned DIR --seq-len 512 --batch 2
+    python benchmarks/distill_finetune.py step-time --pruned DIR --seq-len 2048 --batch 8 --accelerator gpu \\
+        --precision bf16-mixed --teacher-dtype bfloat16     # the GPU measurement (not run here: no GPU)
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import copy
 import json
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ from dsf_lightning.data.text import (
     eval_windows,
 )
 from dsf_lightning.distill import DistillConfig, distiller_for
+from dsf_lightning.dtypes import DTYPES
 from dsf_lightning.models.causal_lm import CausalLM, load_causal_lm, load_packed_causal_lm
 from dsf_lightning.models.schedules import SCHEDULES, Schedule
 from dsf_lightning.perplexity import perplexity
@@ -54,6 +57,11 @@ LOSSES = {"none": DistillConfig("none"),
           "squarehead": DistillConfig("squarehead", weight=1.0)}
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():  # GPU steps are asynchronous: time what ran, not what was queued
+        torch.cuda.synchronize()
+
+
 class StepTimes(pl.Callback):
     """Wall seconds of every training step (batch start to batch end)."""
 
@@ -61,23 +69,27 @@ class StepTimes(pl.Callback):
         self.seconds: list[float] = []
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        _sync()
         self._t = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            i: int) -> None:
+        _sync()
         self.seconds.append(time.perf_counter() - self._t)
 
 
 def fit(pruned: torch.nn.Module, dense: torch.nn.Module, loss: str, train: torch.Tensor, *, steps: int,
         batch: int, lr: float, warmup: int, seed: int, schedule: Schedule = "cosine",
+        teacher_dtype: str | None = None, accelerator: str = "cpu", precision: str = "32",
         ) -> tuple[torch.nn.Module, list[float], dict[str, float]]:
     """A copy of ``pruned`` fine-tuned ``steps`` AdamW steps with ``loss``; its step times and last logged terms."""
     model = copy.deepcopy(pruned)
     module = CausalLM(model, lr=lr, warmup_steps=warmup, lr_schedule=schedule,
-                      distiller=distiller_for(dense, LOSSES[loss]))
+                      distiller=distiller_for(dense, replace(LOSSES[loss], teacher_dtype=teacher_dtype)))
     times = StepTimes()
-    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, max_epochs=-1, gradient_clip_val=1.0, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    trainer = pl.Trainer(accelerator=accelerator, precision=precision, devices=1, max_steps=steps, max_epochs=-1,
+                         gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False,
                          callbacks=[times], num_sanity_val_steps=0, limit_val_batches=0)
     pl.seed_everything(seed, workers=True, verbose=False)  # the same windows in the same order for every loss
     trainer.fit(module, datamodule=TextDataModule(train, batch_size=batch))
@@ -144,7 +156,8 @@ def step_time(args: argparse.Namespace) -> None:
     for _ in range(args.rounds):  # interleaved: drift in the machine's speed hits every loss alike
         for loss in args.losses:
             _, seconds, _ = fit(pruned, dense, loss, train, steps=args.steps[0], batch=args.batch, lr=1e-4, warmup=0,
-                                seed=0)
+                                seed=0, teacher_dtype=args.teacher_dtype, accelerator=args.accelerator,
+                                precision=args.precision)
             times[loss] += seconds[1:]
     base = statistics.median(times["none"])
     for loss, s in times.items():
@@ -166,6 +179,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seq-len", type=int, default=512, help="step-time only")
     p.add_argument("--rounds", type=int, default=2, help="step-time only")
+    p.add_argument("--teacher-dtype", choices=tuple(DTYPES), help="step-time only; default: the dense model's")
+    p.add_argument("--accelerator", default="cpu", help="step-time only (gpu: the ready GPU measurement)")
+    p.add_argument("--precision", default="32", help="step-time only: Lightning's (bf16-mixed on a GPU)")
     p.add_argument("--output", default="distill_finetune.json")
     args = p.parse_args()
     if args.part == "finetune":
