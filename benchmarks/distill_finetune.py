@@ -54,7 +54,8 @@ from dsf_lightning.perplexity import perplexity
 #: the losses compared: ``name -> DistillConfig``
 LOSSES = {"none": DistillConfig("none"),
           "logits": DistillConfig("logits", weight=0.5, temperature=1.0),
-          "squarehead": DistillConfig("squarehead", weight=1.0)}
+          "squarehead": DistillConfig("squarehead", weight=1.0),
+          "squarehead+kd": DistillConfig("squarehead", weight=1.0, logit_weight=1.0)}
 
 
 def _sync() -> None:
