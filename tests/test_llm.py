@@ -217,7 +217,7 @@ def test_lr_schedules():
 
 @pytest.mark.parametrize("method", ["dsf", "magnitude"])
 def test_masks_stay_exact_through_adamw_fine_tuning(tiny_dir, method, tmp_path):
-    """Real optimizer steps (AdamW with weight decay, warmup + cosine, gradient clipping, bf16-mixed autocast) on
+    """Real optimizer steps (AdamW with weight decay, warmup + linear decay, gradient clipping, bf16-mixed autocast) on
     the pruned tiny model: every masked entry is exactly zero afterwards, the masks did not move, weights did."""
     from dsf_lightning import PruneConfig, prune
     from dsf_lightning.data.text import TextDataModule

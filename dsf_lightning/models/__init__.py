@@ -2,7 +2,7 @@
 
 ``ImageClassifier`` wraps any image backbone (torchvision, timm, :func:`resnet20`) for training
 and fine-tuning with SGD and the paper's schedules; ``CausalLM`` wraps any Hugging Face causal LM
-(AdamW, warmup then cosine/linear decay, perplexity), and :func:`load_causal_lm` loads one offline-aware.
+(AdamW, warmup then linear/cosine decay, perplexity), and :func:`load_causal_lm` loads one offline-aware.
 """
 
 from dsf_lightning.models.causal_lm import CausalLM, load_causal_lm, load_packed_causal_lm

@@ -2,10 +2,10 @@
 
 >>> model, tokenizer, source = load_causal_lm("path/or/hub-id")        # or None: the offline SmolLM2-135M
 >>> dsf_lightning.prune(model, PruneConfig(density=0.5, sequential=True, calibration_batches=None), calibration=...)
->>> trainer.fit(CausalLM(model, lr=5e-5, warmup_steps=20, lr_schedule="cosine"), datamodule=TextDataModule(...))
+>>> trainer.fit(CausalLM(model, lr=5e-5, warmup_steps=20, lr_schedule="linear"), datamodule=TextDataModule(...))
 
 Training: next-token cross-entropy (transformers' ``labels=input_ids`` loss), AdamW (weight decay on
-matrices only, not on biases and norms) with a linear warmup then a cosine or linear decay to
+matrices only, not on biases and norms) with a linear warmup then a linear (default) or cosine decay to
 ``min_lr_ratio * lr`` over the run's optimizer steps (``trainer.estimated_stepping_batches``), updated
 every step. Validation logs ``val_loss`` (mean next-token NLL over all scored tokens) and ``val_ppl``
 (``exp`` of it: a torchmetrics metric, synchronized across DDP ranks), the perplexity of
@@ -77,7 +77,7 @@ class CausalLM(PrunedCheckpointMixin, pl.LightningModule):
         weight_decay: AdamW's decoupled weight decay on parameters with 2+ dims.
         betas, eps: of AdamW.
         warmup_steps: linear warmup steps (``lr * (step + 1) / warmup_steps``).
-        lr_schedule: after the warmup: ``"cosine"`` or ``"linear"`` decay to ``min_lr_ratio * lr`` at the
+        lr_schedule: after the warmup: ``"linear"`` or ``"cosine"`` decay to ``min_lr_ratio * lr`` at the
             last step, or ``"constant"``.
         min_lr_ratio: the final learning rate relative to ``lr``.
         gradient_checkpointing: recompute each decoder block's activations in the backward pass
@@ -94,7 +94,7 @@ class CausalLM(PrunedCheckpointMixin, pl.LightningModule):
 
     def __init__(self, model: nn.Module, *, lr: float = 5e-5, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, warmup_steps: int = 0,
-                 lr_schedule: Schedule = "cosine", min_lr_ratio: float = 0.0,
+                 lr_schedule: Schedule = "linear", min_lr_ratio: float = 0.0,
                  gradient_checkpointing: bool = False, storage: Storage | None = "compressed",
                  distiller: Distiller | None = None) -> None:
         super().__init__()

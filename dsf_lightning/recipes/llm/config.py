@@ -99,7 +99,7 @@ class TextDataConfig:
 
 @dataclass(frozen=True)
 class LLMFinetuneConfig:
-    """Fine-tuning after the prune: AdamW, linear warmup, then a cosine/linear decay (per optimizer step).
+    """Fine-tuning after the prune: AdamW, linear warmup, then a linear/cosine decay (per optimizer step).
 
     Args:
         steps: optimizer steps; 0: no fine-tuning (the paper's one-shot setting).
@@ -107,7 +107,8 @@ class LLMFinetuneConfig:
         batch_size: windows per batch and device.
         accumulate_grad_batches: batches per optimizer step.
         warmup_steps: linear warmup steps; ``None``: 10% of ``steps``.
-        lr_schedule: ``"cosine"``, ``"linear"`` or ``"constant"`` after the warmup.
+        lr_schedule: ``"linear"`` (the default: ahead of cosine at every length measured on SmolLM2, RESULTS.md
+            "Schedules"), ``"cosine"`` or ``"constant"`` after the warmup.
         min_lr_ratio: final learning rate relative to ``lr``.
         weight_decay: AdamW's, on matrices only.
         gradient_clip_val: clip the gradient norm to this; ``None``: no clipping.
@@ -120,7 +121,7 @@ class LLMFinetuneConfig:
     batch_size: int = 8
     accumulate_grad_batches: int = 1
     warmup_steps: int | None = None
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_schedule: Literal["cosine", "linear", "constant"] = "linear"
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     gradient_clip_val: float | None = 1.0
@@ -222,7 +223,7 @@ registry) and evaluate WikiText-style perplexity; optionally fine-tune (paper se
 2. one-shot prune of every linear layer of the decoder blocks, block after block, each on the
    outputs of the pruned blocks before it, with --calibration-samples random windows of the
    calibration text (the paper: 128 from C4); same windows and targets for every --method;
-3. perplexity again; --finetune-steps N > 0: fine-tune (AdamW, warmup, cosine decay) on windows of
+3. perplexity again; --finetune-steps N > 0: fine-tune (AdamW, warmup, linear decay) on windows of
    the calibration text, then perplexity again;
 4. save packed/ (packed format) and merged/ (save_pretrained of the merged weights), results.json
    (perplexity dense / pre_finetune / post_finetune per evaluation text, prune_seconds, the
