@@ -50,6 +50,7 @@ from dsf_lightning.dtypes import DTYPES
 from dsf_lightning.models.causal_lm import CausalLM, load_causal_lm, load_packed_causal_lm
 from dsf_lightning.models.schedules import SCHEDULES, Schedule
 from dsf_lightning.perplexity import perplexity
+from dsf_lightning.recipes.llm.config import LLMFinetuneConfig
 
 #: the losses compared: ``name -> DistillConfig``
 LOSSES = {"none": DistillConfig("none"),
@@ -119,7 +120,7 @@ def finetune(args: argparse.Namespace) -> None:
     for steps in args.steps:
         for schedule in args.lr_schedules:
             for loss in args.losses:
-                warmup = args.warmup if args.warmup is not None else steps // 10  # the recipe's default
+                warmup = LLMFinetuneConfig(steps=steps, warmup_steps=args.warmup).warmup  # the recipe's rule
                 model, seconds, logged = fit(pruned, dense, loss, train, steps=steps, batch=args.batch, lr=args.lr,
                                              warmup=warmup, seed=args.seed, schedule=schedule)
                 ppl = {n: perplexity(model, w, batch_size=4).perplexity for n, w in evals.items()}
@@ -185,6 +186,8 @@ def main() -> None:
     p.add_argument("--precision", default="32", help="step-time only: Lightning's (bf16-mixed on a GPU)")
     p.add_argument("--output", default="distill_finetune.json")
     args = p.parse_args()
+    if args.part == "step-time" and len(args.steps) != 1:
+        p.error(f"step-time times one fit length: give one --steps value, got {args.steps}")
     if args.part == "finetune":
         finetune(args)
     else:

@@ -14,9 +14,9 @@ from typing import Literal
 from dsf_lightning.config import PruneConfig
 from dsf_lightning.data.text import DATASETS, PAPER_SEQ_LEN
 from dsf_lightning.distill import DistillConfig
-from dsf_lightning.dtypes import DTYPES, dtype_named
+from dsf_lightning.dtypes import DTYPES, DTypeName, dtype_named
 from dsf_lightning.factorization import METHODS
-from dsf_lightning.models.causal_lm import SCHEDULES
+from dsf_lightning.models.schedules import SCHEDULES, Schedule
 from dsf_lightning.recipes.cli import Config, ConfigParser, flag, group
 from dsf_lightning.recipes.sections import LoggingConfig, RunConfig, at_least, distill_flags, shared_flags
 
@@ -44,7 +44,7 @@ class LLMModelConfig:
     """
 
     name_or_path: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DTypeName = "float32"
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -121,7 +121,7 @@ class LLMFinetuneConfig:
     batch_size: int = 8
     accumulate_grad_batches: int = 1
     warmup_steps: int | None = None
-    lr_schedule: Literal["cosine", "linear", "constant"] = "linear"
+    lr_schedule: Schedule = "linear"
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     gradient_clip_val: float | None = 1.0
@@ -161,7 +161,7 @@ class ExportConfig:
 
     packed: bool = True
     merged: bool = True
-    packed_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    packed_dtype: DTypeName = "float16"
 
     def __post_init__(self) -> None:
         dtype_named(self.packed_dtype, "packed_dtype")

@@ -394,8 +394,7 @@ def prepare_llama(config: LlamaRecipeConfig) -> LlamaPrepared:
             raise ValueError(f"--eval-tasks: {e}") from e
     if run.fast_dev_run or run.limit_batches is not None or run.limit_train_batches is not None:
         raise ValueError("run.fast_dev_run, run.limit_batches and run.limit_train_batches are not used by the LLM "
-                         "recipe: quick runs use "
-                         "--finetune-steps, --calibration-samples, --eval-samples and --seq-len")
+                         "recipe: quick runs use --finetune-steps, --calibration-samples, --eval-samples and --seq-len")
     world = run.devices * run.num_nodes if isinstance(run.devices, int) else None
     if world is not None and world > data.calibration_samples:
         raise ValueError(f"--calibration-samples {data.calibration_samples} is fewer than the {world} processes: "
